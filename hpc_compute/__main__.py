@@ -1,0 +1,3 @@
+from hpc_compute.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""The backend contract: *where* a run executes, and how it is submitted, polled, cancelled, harvested.
+
+A backend never writes the ledger. The engine calls it with :class:`Ticket` objects and turns its
+answers into fenced ledger transitions. Two rules every backend keeps:
+
+* ``poll`` answers for all tickets in one batched call; an answer it could not get is
+  ``ObservationKind.UNKNOWN``, never a terminal state.
+* ``find`` (reconciliation) says ``ABSENT`` only when every query it needed succeeded.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from hpc_compute.harvest import HarvestLimits, HarvestReport
+from hpc_compute.spec import FailureKind, JobSpec
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One attempt as a backend sees it."""
+
+    run_id: str
+    attempt_id: str
+    number: int
+    spec: JobSpec
+    attempt_dir: Path
+    backend_job_id: str | None = None
+    submitted_at: float | None = None
+    cancel_requested: bool = False
+
+    @property
+    def tag(self) -> str:
+        """The name every backend resource of this attempt carries (``hpcc-<attempt uuid>``)."""
+        return f"hpcc-{self.attempt_id}"
+
+
+class ObservationKind(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    FINISHED = "finished"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a poll saw for one attempt. ``reason`` is the pending reason or the backend's state text."""
+
+    kind: ObservationKind
+    reason: str | None = None
+    backend_state: str | None = None
+
+
+class FindKind(StrEnum):
+    FOUND = "found"
+    ABSENT = "absent"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class FindResult:
+    kind: FindKind
+    backend_job_id: str | None = None
+    extras_cancelled: tuple[str, ...] = ()
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a finished attempt ended, as established from the wrapper's result and the backend's record."""
+
+    exit_code: int | None
+    signal: int | None
+    failure_kind: FailureKind | None
+    message: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    peak_rss_kb: int | None = None
+    cancelled: bool = False
+    harvest: HarvestReport | None = None
+    backend_record: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.failure_kind is None and not self.cancelled and self.exit_code == 0
+
+
+class SubmitError(Exception):
+    """A failed submission. ``definite``: the backend surely created nothing (otherwise the
+    engine reconciles by tag). ``retryable``: a new attempt could succeed (False for a request
+    the site can never satisfy, such as more GPUs than any node has)."""
+
+    def __init__(self, message: str, *, definite: bool, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.definite = definite
+        self.retryable = retryable
+
+
+class Backend(abc.ABC):
+    name: str = "abstract"
+    #: seconds a submitting attempt must be absent from every query before it counts as not submitted
+    reconcile_grace_s: float = 30.0
+
+    def check(self, spec: JobSpec) -> None:  # noqa: B027 - optional hook
+        """Raise SpecError if this backend cannot run ``spec`` (e.g. more GPUs than the site has)."""
+
+    @abc.abstractmethod
+    def submit(self, ticket: Ticket) -> str:
+        """Stage and start the attempt; return the backend job id. Raise SubmitError on failure."""
+
+    @abc.abstractmethod
+    def poll(self, tickets: list[Ticket]) -> dict[str, Observation]:
+        """One batched status query for every ticket, keyed by attempt id."""
+
+    @abc.abstractmethod
+    def find(self, tickets: list[Ticket]) -> dict[str, FindResult]:
+        """Look attempts up by their tag after a crash between submit and the ledger commit."""
+
+    @abc.abstractmethod
+    def cancel(self, ticket: Ticket) -> None:
+        """Ask the backend to stop the attempt; the next poll confirms it."""
+
+    @abc.abstractmethod
+    def collect(self, ticket: Ticket, artifact_dir: Path, limits: HarvestLimits) -> Outcome:
+        """Read the wrapper's result and the backend's record, harvest outputs into ``artifact_dir``."""
+
+    def cleanup(self, ticket: Ticket) -> None:  # noqa: B027 - optional hook
+        """Release what the attempt held (VMs, remote dirs). Called once after collect."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

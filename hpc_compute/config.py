@@ -1,0 +1,148 @@
+"""Settings: built-in defaults < system file < user file < environment < explicit arguments.
+
+* system file: ``/etc/hpc-compute/config.toml`` (admin-managed, e.g. by the Ansible role); the
+  admin *floors* (``min_poll_interval``) set there cannot be lowered by users.
+* user file: ``$HPC_COMPUTE_CONFIG``, else ``$XDG_CONFIG_HOME/hpc-compute/config.toml``.
+* environment: ``HPC_COMPUTE_HOME``, ``HPC_COMPUTE_LEDGER_URL``, and ``HPC_COMPUTE_<SECTION>__<KEY>``
+  for any other setting (``HPC_COMPUTE_LOCAL__MAX_PARALLEL=4``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hpc_compute.errors import ConfigError
+from hpc_compute.harvest import HarvestLimits
+from hpc_compute.ledger.db import sqlite_url
+
+SYSTEM_CONFIG = Path("/etc/hpc-compute/config.toml")
+ENV_PREFIX = "HPC_COMPUTE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalSettings(_Section):
+    runtime: str = "bubblewrap"
+    bwrap: str = "bwrap"
+    python: str = "/usr/bin/python3"
+    max_parallel: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1) * 2, ge=1)
+    gpus: int = Field(default=0, ge=0, description="GPUs this host may hand out (none by default)")
+
+
+class HarvestSettings(_Section):
+    max_files: int = Field(default=10_000, ge=1)
+    max_total_bytes: int = Field(default=10 * 1024**3, ge=0)
+    max_depth: int = Field(default=32, ge=1)
+
+    def limits(self) -> HarvestLimits:
+        return HarvestLimits(max_files=self.max_files, max_total_bytes=self.max_total_bytes, max_depth=self.max_depth)
+
+
+class SchedulerSettings(_Section):
+    poll_interval: float = Field(default=2.0, gt=0, description="seconds between polls when idle")
+    min_poll_interval: float = Field(default=0.5, gt=0, description="admin floor")
+    lease_seconds: float = Field(default=60.0, gt=0)
+    submit_batch: int = Field(default=64, ge=1)
+
+
+class Settings(_Section):
+    home: Path
+    ledger_url: str
+    owner: str = Field(default_factory=lambda: os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    harvest: HarvestSettings = Field(default_factory=HarvestSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    slurm: dict[str, Any] = Field(default_factory=dict)
+    opennebula: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def work_root(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def effective_poll_interval(self) -> float:
+        return max(self.scheduler.poll_interval, self.scheduler.min_poll_interval)
+
+
+def default_home(env: dict[str, str]) -> Path:
+    data = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", str(Path.home()))) / ".local" / "share")
+    return Path(data) / "hpc-compute"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in {f"{ENV_PREFIX}CONFIG"}:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        parts = key.split("__")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    system_file: Path = SYSTEM_CONFIG,
+) -> Settings:
+    environ = dict(os.environ if env is None else env)
+    system = _read_toml(system_file)
+    user_path = environ.get(f"{ENV_PREFIX}CONFIG")
+    if user_path:
+        user_file = Path(user_path)
+        if not user_file.exists():
+            raise ConfigError(f"HPC_COMPUTE_CONFIG names {user_file}, which does not exist")
+    else:
+        xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", str(Path.home()))) / ".config")
+        user_file = Path(xdg) / "hpc-compute" / "config.toml"
+    merged = _merge(_merge(system, _read_toml(user_file)), _env_overrides(environ))
+    merged = _merge(merged, overrides or {})
+    home = Path(merged.get("home") or default_home(environ)).expanduser()
+    merged["home"] = home
+    merged.setdefault("ledger_url", sqlite_url(home / "ledger.db"))
+    floor = system.get("scheduler", {}).get("min_poll_interval")
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config {where}: {first['msg']}") from None
+    if floor is not None and settings.scheduler.min_poll_interval < float(floor):
+        settings.scheduler.min_poll_interval = float(floor)
+    return settings

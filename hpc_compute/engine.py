@@ -1,0 +1,447 @@
+"""The scheduler engine: claim -> submit -> poll -> harvest -> finish, one cycle at a time.
+
+Crash safety comes from the order of writes:
+
+1. the attempt is committed as ``submitting`` before anything leaves the process;
+2. the backend handle is committed right after the backend accepted the attempt;
+3. an attempt found ``submitting`` without a handle (after a crash, or an ambiguous submit
+   error) is *reconciled*: looked up by its tag; adopted if found; tombstoned and requeued only
+   when the backend proved it absent after a grace period; left alone while the answer is unknown.
+
+A failed status query never moves a run: the engine logs it, backs off and polls again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TypeVar
+
+from hpc_compute.backends.base import Backend, FindKind, ObservationKind, Outcome, SubmitError, Ticket
+from hpc_compute.config import Settings
+from hpc_compute.errors import BackendUnavailable, FencedOut, SchedulerLocked
+from hpc_compute.ledger.states import AttemptState, RunState
+from hpc_compute.ledger.store import AttemptResult, ClaimedAttempt, Ledger, Observed
+
+log = logging.getLogger("hpc_compute.engine")
+_T = TypeVar("_T")
+
+CRASH_ENV = "HPC_COMPUTE_CRASH_AT"
+CRASH_POINTS = ("after_claim", "after_submit", "before_mark_submitted", "after_collect", "before_finish")
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: ``HPC_COMPUTE_CRASH_AT=after_submit`` kills the process there."""
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("crash point %s reached: exiting hard", name)
+        os._exit(137)
+
+
+def default_backends(settings: Settings) -> dict[str, Backend]:
+    from hpc_compute.backends.local import LocalBackend
+
+    return {"local": LocalBackend(settings)}
+
+
+def _ts(value: float | None) -> datetime | None:
+    from datetime import UTC
+
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
+@dataclass
+class _Tracked:
+    claimed: ClaimedAttempt
+    backend_job_id: str | None
+    submitted_at: float | None
+    cancel_sent: bool = False
+    needs_reconcile: bool = False
+    errors: int = 0
+    last_state: AttemptState = AttemptState.SUBMITTING
+    reason: str | None = None
+    first_seen: float = field(default_factory=time.time)
+
+
+class SchedulerLock:
+    """One scheduler per SQLite ledger: an flock next to the database (released if we die)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise SchedulerLocked(
+                f"a scheduler ({holder}) already serves this SQLite ledger; SQLite allows one at a time "
+                "(stop it, or use a Postgres ledger for several)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._handle = handle
+
+    def try_acquire(self) -> bool:
+        try:
+            self.acquire()
+        except SchedulerLocked:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+class Engine:
+    """One scheduler process's worth of work against one ledger."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        backends: dict[str, Backend] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.backends = backends if backends is not None else default_backends(settings)
+        self.scheduler_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tracked: dict[str, _Tracked] = {}
+        self._lock: SchedulerLock | None = None
+        self._last_heartbeat = 0.0
+        self._stop = threading.Event()
+        self._started = False
+        self.cycles = 0
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def lock_path(self) -> Path:
+        return self.settings.home / "scheduler.lock"
+
+    def start(self) -> None:
+        if self.ledger.is_sqlite:
+            lock = SchedulerLock(self.lock_path())
+            lock.acquire()
+            self._lock = lock
+        try:
+            lease = self.settings.scheduler.lease_seconds
+            self.ledger.register_scheduler(self.scheduler_id, os.getpid(), lease_s=lease)
+            for claimed in self.ledger.adopt_active(self.scheduler_id, self.backends, lease):
+                tracked = _Tracked(
+                    claimed=claimed,
+                    backend_job_id=claimed.backend_job_id,
+                    submitted_at=(claimed.submitted_at or claimed.created_at).timestamp(),
+                    needs_reconcile=claimed.backend_job_id is None,
+                    last_state=claimed.state,
+                )
+                self.tracked[claimed.attempt_id] = tracked
+                log.info("adopted attempt %s of run %s (%s)", claimed.attempt_id, claimed.run_id, claimed.state)
+        except Exception:
+            self._release_lock()
+            raise
+        self._started = True
+        self._last_heartbeat = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._started:
+            try:
+                self.ledger.unregister_scheduler(self.scheduler_id)
+            except Exception:  # pragma: no cover - best effort at exit
+                log.exception("could not unregister scheduler")
+        for backend in self.backends.values():
+            backend.close()
+        self._release_lock()
+        self._started = False
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- the cycle ----------------------------------------------------------------------------
+
+    def _ticket(self, tracked: _Tracked) -> Ticket:
+        claimed = tracked.claimed
+        return Ticket(
+            run_id=claimed.run_id,
+            attempt_id=claimed.attempt_id,
+            number=claimed.number,
+            spec=claimed.spec,
+            attempt_dir=Path(claimed.attempt_dir),
+            backend_job_id=tracked.backend_job_id,
+            submitted_at=tracked.submitted_at,
+            cancel_requested=claimed.cancel_requested,
+        )
+
+    def cycle(self) -> int:
+        """One pass over everything; returns how many attempts changed (to pace the polling)."""
+        self.cycles += 1
+        self._heartbeat()
+        changed = self._claim_and_submit()
+        changed += self._reconcile()
+        changed += self._apply_cancellations()
+        changed += self._poll()
+        return changed
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self.settings.scheduler.lease_seconds / 3:
+            self.ledger.heartbeat(self.scheduler_id)
+            self._last_heartbeat = now
+
+    def _claim_and_submit(self) -> int:
+        capacity = self.settings.local.max_parallel - len(self.tracked)
+        limit = min(capacity, self.settings.scheduler.submit_batch)
+        if limit <= 0:
+            return 0
+        claimed = self.ledger.claim_queued(
+            self.scheduler_id,
+            backends=self.backends,
+            limit=limit,
+            work_root=str(self.settings.work_root),
+            lease_s=self.settings.scheduler.lease_seconds,
+        )
+        if claimed:
+            crash_point("after_claim")
+        for item in claimed:
+            tracked = _Tracked(claimed=item, backend_job_id=None, submitted_at=time.time())
+            self.tracked[item.attempt_id] = tracked
+            self._submit(tracked)
+        return len(claimed)
+
+    def _submit(self, tracked: _Tracked) -> None:
+        claimed = tracked.claimed
+        backend = self.backends[claimed.backend]
+        ticket = self._ticket(tracked)
+        try:
+            job_id = backend.submit(ticket)
+        except SubmitError as exc:
+            if exc.definite:
+                log.warning("attempt %s refused by %s: %s", claimed.attempt_id, backend.name, exc)
+                self._forget(claimed.attempt_id)
+                self._guarded(
+                    lambda: self.ledger.fail_submission(
+                        claimed.attempt_id, claimed.fence, str(exc), retryable=exc.retryable
+                    )
+                )
+            else:
+                log.warning("attempt %s: submission outcome unknown (%s); reconciling", claimed.attempt_id, exc)
+                tracked.needs_reconcile = True
+            return
+        except Exception as exc:
+            log.exception("attempt %s: submit crashed; reconciling", claimed.attempt_id)
+            tracked.needs_reconcile = True
+            tracked.reason = str(exc)
+            return
+        crash_point("after_submit")
+        tracked.backend_job_id = job_id
+        crash_point("before_mark_submitted")
+        self._guarded(lambda: self.ledger.mark_submitted(claimed.attempt_id, claimed.fence, job_id))
+        tracked.last_state = AttemptState.PENDING
+
+    def _reconcile(self) -> int:
+        by_backend: dict[str, list[_Tracked]] = {}
+        for tracked in self.tracked.values():
+            if tracked.needs_reconcile:
+                by_backend.setdefault(tracked.claimed.backend, []).append(tracked)
+        changed = 0
+        for name, items in by_backend.items():
+            backend = self.backends[name]
+            try:
+                found = backend.find([self._ticket(t) for t in items])
+            except BackendUnavailable as exc:
+                log.warning("reconciliation on %s failed (state unknown, will retry): %s", name, exc)
+                continue
+            for tracked in items:
+                result = found.get(tracked.claimed.attempt_id)
+                if result is None or result.kind == FindKind.UNKNOWN:
+                    continue
+                claimed = tracked.claimed
+                tracked.needs_reconcile = False
+                changed += 1
+                if result.kind == FindKind.FOUND and result.backend_job_id:
+                    tracked.backend_job_id = result.backend_job_id
+                    log.info("attempt %s found as %s: adopted", claimed.attempt_id, result.backend_job_id)
+                    self._guarded(
+                        lambda c=claimed, j=result.backend_job_id: self.ledger.mark_submitted(  # type: ignore[misc]
+                            c.attempt_id, c.fence, j, message=f"reconciled: adopted {j}"
+                        )
+                    )
+                    tracked.last_state = AttemptState.PENDING
+                else:
+                    log.info("attempt %s proved absent: requeueing the run", claimed.attempt_id)
+                    self._forget(claimed.attempt_id)
+                    self._guarded(
+                        lambda c=claimed, d=result.detail: self.ledger.mark_not_submitted(  # type: ignore[misc]
+                            c.attempt_id, c.fence, f"reconciled: not submitted ({d})"
+                        )
+                    )
+        return changed
+
+    def _apply_cancellations(self) -> int:
+        active = [t for t in self.tracked.values() if not t.cancel_sent]
+        if not active:
+            return 0
+        flagged = self.ledger.cancel_flags({t.claimed.run_id for t in active})
+        changed = 0
+        for tracked in active:
+            if tracked.claimed.run_id not in flagged:
+                continue
+            tracked.claimed = replace(tracked.claimed, cancel_requested=True)
+            if tracked.backend_job_id is None:
+                continue  # cancelled once it is found or proved absent
+            try:
+                self.backends[tracked.claimed.backend].cancel(self._ticket(tracked))
+            except BackendUnavailable as exc:
+                log.warning("cancel of %s failed, will retry: %s", tracked.claimed.attempt_id, exc)
+                continue
+            tracked.cancel_sent = True
+            changed += 1
+        return changed
+
+    def _poll(self) -> int:
+        by_backend: dict[str, list[_Tracked]] = {}
+        for tracked in self.tracked.values():
+            if tracked.backend_job_id is not None and not tracked.needs_reconcile:
+                by_backend.setdefault(tracked.claimed.backend, []).append(tracked)
+        changed = 0
+        for name, items in by_backend.items():
+            backend = self.backends[name]
+            try:
+                observations = backend.poll([self._ticket(t) for t in items])
+            except BackendUnavailable as exc:
+                log.warning("poll of %s failed; no state changes this cycle: %s", name, exc)
+                continue
+            observed: list[Observed] = []
+            for tracked in items:
+                obs = observations.get(tracked.claimed.attempt_id)
+                if obs is None or obs.kind == ObservationKind.UNKNOWN:
+                    continue
+                if obs.kind == ObservationKind.FINISHED:
+                    changed += self._finish(backend, tracked)
+                    continue
+                state = AttemptState.RUNNING if obs.kind == ObservationKind.RUNNING else AttemptState.PENDING
+                if state != tracked.last_state or obs.reason != tracked.reason:
+                    observed.append(Observed(tracked.claimed.attempt_id, tracked.claimed.fence, state, obs.reason))
+                    tracked.last_state, tracked.reason = state, obs.reason
+                    changed += 1
+            for attempt_id in self._guarded(lambda o=observed: self.ledger.record_observations(o)) or []:  # type: ignore[misc]
+                log.warning("attempt %s: fenced out, dropping it", attempt_id)
+                self._forget(attempt_id)
+        return changed
+
+    def _finish(self, backend: Backend, tracked: _Tracked) -> int:
+        claimed = tracked.claimed
+        ticket = self._ticket(tracked)
+        artifact_dir = self.settings.artifact_root / claimed.run_id / claimed.attempt_id
+        try:
+            outcome = backend.collect(ticket, artifact_dir, self.settings.harvest.limits())
+        except BackendUnavailable as exc:
+            log.warning("collect of %s failed, will retry: %s", claimed.attempt_id, exc)
+            return 0
+        crash_point("after_collect")
+        result = self._result(outcome)
+        crash_point("before_finish")
+        state = self._guarded(lambda: self.ledger.finish_attempt(claimed.attempt_id, claimed.fence, result, outcome.harvest))
+        try:
+            backend.cleanup(ticket)
+        except Exception:
+            log.exception("cleanup of %s failed", claimed.attempt_id)
+        self._forget(claimed.attempt_id)
+        log.info("attempt %s of run %s finished: %s", claimed.attempt_id, claimed.run_id, state)
+        return 1
+
+    @staticmethod
+    def _result(outcome: Outcome) -> AttemptResult:
+        record = {
+            "exit_code": outcome.exit_code,
+            "signal": outcome.signal,
+            "failure_kind": outcome.failure_kind.value if outcome.failure_kind else None,
+            "message": outcome.message,
+            "peak_rss_kb": outcome.peak_rss_kb,
+            "cancelled": outcome.cancelled,
+            "backend_record": outcome.backend_record,
+            "artifacts": len(outcome.harvest.files) if outcome.harvest else 0,
+            "refused": len(outcome.harvest.refused) if outcome.harvest else 0,
+        }
+        return AttemptResult(
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            failure_kind=outcome.failure_kind,
+            message=outcome.message,
+            cancelled=outcome.cancelled,
+            started_at=_ts(outcome.started_at),
+            ended_at=_ts(outcome.ended_at),
+            outcome=record,
+        )
+
+    def _forget(self, attempt_id: str) -> None:
+        self.tracked.pop(attempt_id, None)
+
+    def _guarded(self, write: Callable[[], _T]) -> _T | None:
+        """Run a fenced ledger write; a stale fence means another scheduler owns the attempt now."""
+        try:
+            return write()
+        except FencedOut as exc:
+            log.warning("fenced out: %s", exc)
+            return None
+
+    # -- loops --------------------------------------------------------------------------------
+
+    def run_forever(self, *, on_cycle: Callable[[Engine], None] | None = None) -> None:
+        interval = self.settings.effective_poll_interval
+        floor = self.settings.scheduler.min_poll_interval
+        delay = floor
+        while not self._stop.is_set():
+            changed = self.cycle()
+            if on_cycle is not None:
+                on_cycle(self)
+            # Fast right after activity, ramping up to the configured interval when nothing moves.
+            delay = floor if changed else min(interval, max(floor, delay * 1.5))
+            self._stop.wait(delay)
+
+    def drive_until(
+        self,
+        run_ids: Iterable[str],
+        *,
+        timeout: float | None = None,
+        on_cycle: Callable[[Engine], None] | None = None,
+    ) -> bool:
+        """Run cycles until every run is terminal (True) or the timeout passes (False)."""
+        pending = set(run_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        floor = self.settings.scheduler.min_poll_interval
+        delay = floor
+        while pending:
+            changed = self.cycle()
+            if on_cycle is not None:
+                on_cycle(self)
+            pending = {r for r in pending if not RunState(self.ledger.get_run(r).state).terminal}
+            if not pending:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            delay = floor if changed else min(self.settings.effective_poll_interval, delay * 1.5, 1.0)
+            if self._stop.wait(delay):
+                return False
+        return True
