@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from hpc_compute.api import Client  # noqa: E402
-from hpc_compute.errors import (  # noqa: E402
+from hpc_compute.api import Client
+from hpc_compute.errors import (
     ArtifactNotFound,
     HpcComputeError,
     IdempotencyConflict,
@@ -14,9 +14,9 @@ from hpc_compute.errors import (  # noqa: E402
     SpecError,
     WaitTimeout,
 )
-from hpc_compute.ledger.states import RunState  # noqa: E402
-from hpc_compute.records import ArtifactInfo, AttemptInfo, EventInfo, RunInfo  # noqa: E402
-from hpc_compute.spec import FailureKind, JobSpec  # noqa: E402
+from hpc_compute.ledger.states import RunState
+from hpc_compute.records import ArtifactInfo, AttemptInfo, EventInfo, RunInfo
+from hpc_compute.spec import FailureKind, JobSpec
 
 __all__ = [
     "ArtifactInfo",

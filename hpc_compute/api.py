@@ -13,6 +13,7 @@ drive the engine in-process (``drive=True``, or ``None`` to decide by itself).
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -120,10 +121,10 @@ class Client:
         labels: Mapping[str, str] | None = None,
         updated_since: datetime | None = None,
         limit: int = 100,
-    ) -> list[RunInfo]:
-        states: list[RunState] | None = None
+    ) -> builtins.list[RunInfo]:
+        states: builtins.list[RunState] | None = None
         if state is not None:
-            raw = [state] if isinstance(state, str | RunState) else list(state)
+            raw = [state] if isinstance(state, str | RunState) else builtins.list(state)
             try:
                 states = [RunState(s) for s in raw]
             except ValueError:
@@ -132,13 +133,13 @@ class Client:
             owner=self.owner, states=states, labels=dict(labels or {}), updated_since=updated_since, limit=limit
         )
 
-    def events(self, run_id: str) -> list[EventInfo]:
+    def events(self, run_id: str) -> builtins.list[EventInfo]:
         return self.ledger.events(run_id, self.owner)
 
-    def attempts(self, run_id: str) -> list[AttemptInfo]:
+    def attempts(self, run_id: str) -> builtins.list[AttemptInfo]:
         return self.ledger.attempts(run_id, self.owner)
 
-    def artifacts(self, run_id: str) -> list[ArtifactInfo]:
+    def artifacts(self, run_id: str) -> builtins.list[ArtifactInfo]:
         return self.ledger.artifacts(run_id, self.owner)
 
     def open_artifact(self, run_id: str, path: str) -> BinaryIO:

@@ -180,7 +180,9 @@ def submit(
     mem: Annotated[str | None, typer.Option(help="memory limit, e.g. 512M or 4G")] = None,
     gpus: Annotated[int | None, typer.Option(help="GPUs")] = None,
     time_limit: Annotated[str | None, typer.Option("--time", help="wall-clock limit: 90s, 10m, 2h, HH:MM:SS")] = None,
-    inputs: Annotated[list[str] | None, typer.Option("--input", help="SRC[:NAME], mounted read-only at /input/NAME")] = None,
+    inputs: Annotated[
+        list[str] | None, typer.Option("--input", help="SRC[:NAME], mounted read-only at /input/NAME")
+    ] = None,
     env: Annotated[list[str] | None, typer.Option("--env", help="K=V for the job's environment")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", help="K=V label")] = None,
     name: Annotated[str | None, typer.Option(help="display name")] = None,
@@ -199,9 +201,8 @@ def submit(
         if value is not None:
             data[key] = value
     resources = dict(data.get("resources") or {})
-    for key, value in (("cpus", cpus), ("memory", mem), ("gpus", gpus), ("time_limit", time_limit)):
-        if value is not None:
-            resources[key] = value
+    given: dict[str, int | str | None] = {"cpus": cpus, "memory": mem, "gpus": gpus, "time_limit": time_limit}
+    resources.update({key: value for key, value in given.items() if value is not None})
     if resources:
         data["resources"] = resources
     if inputs:
@@ -408,6 +409,7 @@ def serve(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = _settings()
     ledger = Ledger(settings.ledger_url)
     engine = Engine(settings, ledger)

@@ -35,6 +35,7 @@ class LocalSettings(_Section):
     python: str = "/usr/bin/python3"
     max_parallel: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1) * 2, ge=1)
     gpus: int = Field(default=0, ge=0, description="GPUs this host may hand out (none by default)")
+    reconcile_grace_s: float = Field(default=10.0, ge=0, description="wait before an unclaimed attempt is abandoned")
 
 
 class HarvestSettings(_Section):

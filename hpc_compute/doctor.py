@@ -138,7 +138,9 @@ def run_checks(settings: Settings) -> list[Check]:
     try:
         settings.home.mkdir(parents=True, exist_ok=True)
         writable = os.access(settings.home, os.W_OK)
-        checks.append(Check("home", "ok" if writable else "fail", f"{settings.home} {'writable' if writable else 'not writable'}"))
+        checks.append(
+            Check("home", "ok" if writable else "fail", f"{settings.home} {'writable' if writable else 'not writable'}")
+        )
     except OSError as exc:
         checks.append(Check("home", "fail", f"{settings.home}: {exc}"))
     bwrap = shutil.which(settings.local.bwrap)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -27,19 +28,19 @@ from typing import IO, TypeVar
 
 from hpc_compute.backends.base import Backend, FindKind, ObservationKind, Outcome, SubmitError, Ticket
 from hpc_compute.config import Settings
-from hpc_compute.errors import BackendUnavailable, FencedOut, SchedulerLocked
+from hpc_compute.errors import BackendUnavailable, FencedOut, LedgerUnavailable, SchedulerLocked
 from hpc_compute.ledger.states import AttemptState, RunState
 from hpc_compute.ledger.store import AttemptResult, ClaimedAttempt, Ledger, Observed
 
 log = logging.getLogger("hpc_compute.engine")
 _T = TypeVar("_T")
 
-CRASH_ENV = "HPC_COMPUTE_CRASH_AT"
+CRASH_ENV = "HPCC_TEST_CRASH_AT"
 CRASH_POINTS = ("after_claim", "after_submit", "before_mark_submitted", "after_collect", "before_finish")
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for the crash tests: ``HPC_COMPUTE_CRASH_AT=after_submit`` kills the process there."""
+    """Fault injection for the crash tests: ``HPCC_TEST_CRASH_AT=after_submit`` kills the process there."""
     if os.environ.get(CRASH_ENV) == name:
         log.warning("crash point %s reached: exiting hard", name)
         os._exit(137)
@@ -203,6 +204,18 @@ class Engine:
         changed += self._poll()
         return changed
 
+    def _safe_cycle(self) -> int:
+        """A cycle that never kills the daemon: a ledger outage or a bug in one step is logged and
+        the next cycle tries again (nothing is marked terminal for it)."""
+        try:
+            return self.cycle()
+        except LedgerUnavailable as exc:
+            log.warning("ledger unavailable, retrying next cycle: %s", exc)
+        except Exception:
+            log.exception("scheduler cycle failed; retrying next cycle")
+        self._stop.wait(min(5.0, self.settings.effective_poll_interval))
+        return 0
+
     def _heartbeat(self) -> None:
         now = time.monotonic()
         if now - self._last_heartbeat >= self.settings.scheduler.lease_seconds / 3:
@@ -239,10 +252,9 @@ class Engine:
             if exc.definite:
                 log.warning("attempt %s refused by %s: %s", claimed.attempt_id, backend.name, exc)
                 self._forget(claimed.attempt_id)
+                message, retryable = str(exc), exc.retryable
                 self._guarded(
-                    lambda: self.ledger.fail_submission(
-                        claimed.attempt_id, claimed.fence, str(exc), retryable=exc.retryable
-                    )
+                    lambda: self.ledger.fail_submission(claimed.attempt_id, claimed.fence, message, retryable=retryable)
                 )
             else:
                 log.warning("attempt %s: submission outcome unknown (%s); reconciling", claimed.attempt_id, exc)
@@ -354,15 +366,23 @@ class Engine:
         claimed = tracked.claimed
         ticket = self._ticket(tracked)
         artifact_dir = self.settings.artifact_root / claimed.run_id / claimed.attempt_id
+        # A crash after an earlier collect leaves a partial copy: the store is ours, start afresh.
+        shutil.rmtree(artifact_dir, ignore_errors=True)
         try:
             outcome = backend.collect(ticket, artifact_dir, self.settings.harvest.limits())
         except BackendUnavailable as exc:
             log.warning("collect of %s failed, will retry: %s", claimed.attempt_id, exc)
             return 0
+        except Exception:
+            tracked.errors += 1
+            log.exception("collect of %s crashed (try %d); will retry", claimed.attempt_id, tracked.errors)
+            return 0
         crash_point("after_collect")
         result = self._result(outcome)
         crash_point("before_finish")
-        state = self._guarded(lambda: self.ledger.finish_attempt(claimed.attempt_id, claimed.fence, result, outcome.harvest))
+        state = self._guarded(
+            lambda: self.ledger.finish_attempt(claimed.attempt_id, claimed.fence, result, outcome.harvest)
+        )
         try:
             backend.cleanup(ticket)
         except Exception:
@@ -413,7 +433,7 @@ class Engine:
         floor = self.settings.scheduler.min_poll_interval
         delay = floor
         while not self._stop.is_set():
-            changed = self.cycle()
+            changed = self._safe_cycle()
             if on_cycle is not None:
                 on_cycle(self)
             # Fast right after activity, ramping up to the configured interval when nothing moves.
@@ -433,7 +453,7 @@ class Engine:
         floor = self.settings.scheduler.min_poll_interval
         delay = floor
         while pending:
-            changed = self.cycle()
+            changed = self._safe_cycle()
             if on_cycle is not None:
                 on_cycle(self)
             pending = {r for r in pending if not RunState(self.ledger.get_run(r).state).terminal}

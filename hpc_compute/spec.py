@@ -178,7 +178,9 @@ class JobSpec(_Strict):
     def _image(cls, value: str) -> str:
         _no_control(value, "an image")
         if SCHEME_RE.match(value):
-            raise ValueError("remote images (scheme://) are refused; give a local .sif path, a rootfs directory or 'host'")
+            raise ValueError(
+                "remote images (scheme://) are refused; give a local .sif path, a rootfs directory or 'host'"
+            )
         if value != "host" and not value.startswith("/"):
             raise ValueError("must be 'host' or an absolute path")
         return value
@@ -236,7 +238,7 @@ class JobSpec(_Strict):
         names = [i.name for i in self.inputs]
         for index, name in enumerate(names):
             if name in names[:index]:
-                raise ValueError(f"inputs[{index}].name: {name!r} is used twice")
+                raise SpecError(f"inputs[{index}].name", f"{name!r} is used twice")
         return self
 
     def canonical_json(self) -> str:
@@ -261,6 +263,10 @@ def spec_error_from(exc: ValidationError) -> SpecError:
     """The first validation error as a SpecError naming the field."""
     first = exc.errors()[0]
     loc = tuple(p for p in first["loc"] if p not in ("function-after",))
+    raised = (first.get("ctx") or {}).get("error")
+    if isinstance(raised, SpecError):  # a validator that names a sub-field itself
+        where = _loc(loc)
+        return SpecError(raised.field if where == "spec" else f"{where}.{raised.field}", raised.rule)
     message = str(first["msg"])
     message = message.removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":

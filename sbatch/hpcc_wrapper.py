@@ -431,12 +431,13 @@ class Wrapper:
     # -- the run ---------------------------------------------------------------------------------
 
     def main(self) -> int:
+        # handlers first: a signal right after the claim must still end in a result
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
         if not self.claim():
             self.log(f"attempt already claimed ({CLAIM_FILE} exists): not running")
             return EXIT_ALREADY_CLAIMED
         self.log(f"claimed attempt {self.dir} on {self.hostname}")
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
         try:
             return self.run()
         except BaseException as exc:  # any failure still leaves a result
@@ -491,9 +492,11 @@ class Wrapper:
             return self.setup_failure(f"invalid spec: {exc}")
 
         os.makedirs(self.path("logs"), exist_ok=True)
-        with open(self.path(STDOUT_FILE), "ab") as stdout, open(self.path(STDERR_FILE), "ab") as stderr, open(
-            os.devnull, "rb"
-        ) as devnull:
+        # ExitStack rather than one multi-item "with": formatters would parenthesise that (3.10+ syntax)
+        with contextlib.ExitStack() as files:
+            stdout = files.enter_context(open(self.path(STDOUT_FILE), "ab"))
+            stderr = files.enter_context(open(self.path(STDERR_FILE), "ab"))
+            devnull = files.enter_context(open(os.devnull, "rb"))
             self.stderr_offset = stderr.seek(0, os.SEEK_END)
             self.log(f"starting: {json.dumps(argv)}")
             try:

@@ -71,6 +71,7 @@ class LocalBackend(Backend):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.reconcile_grace_s = settings.local.reconcile_grace_s
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def check(self, spec: JobSpec) -> None:
@@ -169,7 +170,9 @@ class LocalBackend(Backend):
                 if (directory / STARTED_FILE).exists():
                     out[ticket.attempt_id] = Observation(ObservationKind.RUNNING, backend_state="running")
                 else:
-                    out[ticket.attempt_id] = Observation(ObservationKind.PENDING, reason="starting", backend_state="starting")
+                    out[ticket.attempt_id] = Observation(
+                        ObservationKind.PENDING, reason="starting", backend_state="starting"
+                    )
             else:
                 # Gone without a result (killed, host restarted): collect() reports it as lost.
                 out[ticket.attempt_id] = Observation(ObservationKind.FINISHED, backend_state="gone")
@@ -230,4 +233,3 @@ class LocalBackend(Backend):
         result = read_json_file(ticket.attempt_dir / RESULT_FILE)
         report = harvest_directory(ticket.attempt_dir / OUTPUT_DIR, artifact_dir, limits)
         return outcome_from_result(result, ticket, harvest=report)
-

@@ -10,7 +10,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -19,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from alembic import command
 from hpc_compute.errors import LedgerUnavailable
 from hpc_compute.resources import migrations_dir
 
@@ -91,7 +91,9 @@ def upgrade(url: str, revision: str = "head") -> None:
     try:
         command.upgrade(alembic_config(url), revision)
     except SQLAlchemyError as exc:
-        raise LedgerUnavailable(f"cannot migrate the ledger at {safe_url(url)}: {exc.__class__.__name__}: {exc}") from exc
+        raise LedgerUnavailable(
+            f"cannot migrate the ledger at {safe_url(url)}: {exc.__class__.__name__}: {exc}"
+        ) from exc
 
 
 def head_revision() -> str | None:

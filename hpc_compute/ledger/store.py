@@ -235,9 +235,7 @@ class Ledger:
                 )
             return RunInfo.from_row(row)
 
-    def _new_run(
-        self, session: Session, spec: JobSpec, owner: str, key: str | None, digest: str, now: datetime
-    ) -> Run:
+    def _new_run(self, session: Session, spec: JobSpec, owner: str, key: str | None, digest: str, now: datetime) -> Run:
         run = self._run_row(spec, owner, key, digest, now)
         session.add(run)
         session.flush()
@@ -379,9 +377,7 @@ class Ledger:
 
     def heartbeat(self, scheduler_id: str) -> None:
         with self._session(write=True) as session:
-            session.execute(
-                update(Scheduler).where(col(Scheduler.id) == scheduler_id).values(heartbeat_at=utcnow())
-            )
+            session.execute(update(Scheduler).where(col(Scheduler.id) == scheduler_id).values(heartbeat_at=utcnow()))
 
     def unregister_scheduler(self, scheduler_id: str) -> None:
         with self._session(write=True) as session:
@@ -449,8 +445,7 @@ class Ledger:
             runs = session.exec(self._lock_rows(stmt)).all()
             for run in runs:
                 number = (
-                    session.exec(select(func.count()).select_from(Attempt).where(Attempt.run_id == run.id)).one()
-                    + 1
+                    session.exec(select(func.count()).select_from(Attempt).where(Attempt.run_id == run.id)).one() + 1
                 )
                 attempt_id = new_id()
                 attempt = Attempt(

@@ -155,7 +155,9 @@ def bubblewrap_launch(plan: SandboxPlan, bwrap: str = "bwrap") -> LaunchSpec:
 
     forward: tuple[ForwardEnv, ...] = ()
     if plan.gpus > 0:
-        forward = (ForwardEnv(name="CUDA_VISIBLE_DEVICES", args=("--setenv", "CUDA_VISIBLE_DEVICES", "{value}")),)
+        forward = (
+            ForwardEnv(name="CUDA_VISIBLE_DEVICES", args=("--setenv", "CUDA_VISIBLE_DEVICES", "{value}")),
+        )
 
     return LaunchSpec(
         runtime="bubblewrap",

@@ -31,7 +31,9 @@ from tests.wrapper_support import (
 
 pytestmark = [
     pytest.mark.bwrap,
-    pytest.mark.skipif(shutil.which("bwrap") is None or not os.path.exists(SYSTEM_PYTHON), reason="needs bwrap"),
+    pytest.mark.skipif(
+        shutil.which("bwrap") is None or not os.path.exists(SYSTEM_PYTHON), reason="needs bwrap"
+    ),
 ]
 
 PY = SYSTEM_PYTHON
@@ -252,7 +254,18 @@ print(json.dumps(out))
         marker.unlink()
     assert proc.returncode == 0, stderr(attempt)
     out = stdout_json(attempt)
-    for path in ("/home", "/root", "/run", "/var", "/mnt", "/srv", "/opt", "/etc/shadow", "/etc/ssh", "/boot"):
+    for path in (
+        "/home",
+        "/root",
+        "/run",
+        "/var",
+        "/mnt",
+        "/srv",
+        "/opt",
+        "/etc/shadow",
+        "/etc/ssh",
+        "/boot",
+    ):
         assert out[path] in ("absent", []), (path, out[path])
     assert out["host_tmp"] == []
     assert max(out["ps"]) < 10, "a private pid namespace"

@@ -37,9 +37,25 @@ KNOWN_OPTIONS = {
     "--bind": 1,
 }
 DENYLIST = (
-    "--writable", "--writable-tmpfs", "--fakeroot", "--keep-privs", "--allow-setuid", "--add-caps", "--boot",
-    "--overlay", "--fusemount", "--netns-path", "--network-args", "--dns", "--nvccli", "--home", "--scratch",
-    "--app", "--env-file", "--cleanenv", "--no-home",
+    "--writable",
+    "--writable-tmpfs",
+    "--fakeroot",
+    "--keep-privs",
+    "--allow-setuid",
+    "--add-caps",
+    "--boot",
+    "--overlay",
+    "--fusemount",
+    "--netns-path",
+    "--network-args",
+    "--dns",
+    "--nvccli",
+    "--home",
+    "--scratch",
+    "--app",
+    "--env-file",
+    "--cleanenv",
+    "--no-home",
 )
 
 
@@ -126,7 +142,9 @@ def test_options_before_image_and_image_before_command() -> None:
     _opts, image_at = parse(argv)
     assert argv[image_at] == IMAGE
     assert image_at == launch.insert_at
-    assert tuple(argv[image_at + 1 :]) == ("/bin/prog", *HOSTILE_ARGS), "each argument stays one literal element"
+    assert tuple(argv[image_at + 1 :]) == ("/bin/prog", *HOSTILE_ARGS), (
+        "each argument stays one literal element"
+    )
     assert argv.count(IMAGE) == 1
 
 
@@ -155,7 +173,7 @@ def test_cuda_forwarding_through_the_wrapper_insertion() -> None:
     wrapper = load_wrapper()
     launch = apptainer_launch(plan(gpus=1))
     final = wrapper.assemble_argv(as_json_launch(launch), {"CUDA_VISIBLE_DEVICES": "0,3", "OTHER": "x"}, None)
-    opts, image_at = parse(final)
+    _opts, image_at = parse(final)
     assert final[image_at] == IMAGE, "the forwarded --env lands among the options, before the image"
     assert final[image_at - 2 : image_at] == ["--env", "CUDA_VISIBLE_DEVICES=0,3"]
     assert parse_env_flag("CUDA_VISIBLE_DEVICES=0,3") == {"CUDA_VISIBLE_DEVICES": "0,3"}
@@ -193,7 +211,7 @@ def test_hpcc_ids_and_job_env_passed_with_env() -> None:
         'mid"dle',
         "with space",
         "it's",
-        "trailing=\"",
+        'trailing="',
         'a","B=1',
         'ends-with-quote"',
         '""',
@@ -278,7 +296,9 @@ def test_runtime_env_and_preflight() -> None:
     assert launch.runtime_env == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     assert not any(k.startswith(("APPTAINER", "SINGULARITY")) for k in launch.runtime_env)
     assert launch.preflight_paths[0] == IMAGE
-    assert {"/data/set-a", "/data/b.csv", "/work/r/a/output", "/local/scratch/a"} <= set(launch.preflight_paths)
+    assert {"/data/set-a", "/data/b.csv", "/work/r/a/output", "/local/scratch/a"} <= set(
+        launch.preflight_paths
+    )
     assert launch.status_fd_flag is None
     assert launch.runtime == "apptainer"
 

@@ -62,8 +62,14 @@ def as_json_launch(launch: LaunchSpec) -> dict[str, object]:
 def test_sealing_flags_present() -> None:
     launch = bubblewrap_launch(plan())
     opts = options(launch)
-    for flag in ("--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-                 "--clearenv"):
+    for flag in (
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+    ):
         assert flag in opts, flag
     assert ("ALL",) in pairs(opts, "--cap-drop", 1)
     assert ("hpcc-sandbox",) in pairs(opts, "--hostname", 1)
@@ -126,11 +132,19 @@ def test_host_image_does_not_expose_root_run_home() -> None:
     dests = {dest for _src, dest in bound}
     assert "/" not in sources and "/" not in dests
     for hidden in ("/run", "/home", "/root", "/var", "/etc", "/tmp", "/mnt", "/srv", "/opt"):
-        assert not any(s == hidden or s.startswith(hidden + "/") for s in sources if not s.startswith("/etc/")), hidden
+        assert not any(
+            s == hidden or s.startswith(hidden + "/") for s in sources if not s.startswith("/etc/")
+        ), hidden
     assert ("/usr", "/usr") in pairs(opts, "--ro-bind", 2)
     etc = {src for src, _ in pairs(opts, "--ro-bind-try", 2)}
-    assert etc <= {"/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime", "/etc/nsswitch.conf", "/etc/passwd",
-                   "/etc/group"}
+    assert etc <= {
+        "/etc/ld.so.cache",
+        "/etc/alternatives",
+        "/etc/localtime",
+        "/etc/nsswitch.conf",
+        "/etc/passwd",
+        "/etc/group",
+    }
     assert "/etc/shadow" not in etc
     links = pairs(opts, "--symlink", 2)
     assert ("usr/bin", "/bin") in links and ("usr/lib", "/lib") in links and ("usr/sbin", "/sbin") in links
@@ -148,7 +162,12 @@ def test_directory_image_is_the_read_only_root() -> None:
 
 def test_preflight_paths() -> None:
     launch = bubblewrap_launch(plan())
-    assert set(launch.preflight_paths) == {"/data/set-a", "/data/b.csv", "/work/r/a/output", "/work/r/a/scratch"}
+    assert set(launch.preflight_paths) == {
+        "/data/set-a",
+        "/data/b.csv",
+        "/work/r/a/output",
+        "/work/r/a/scratch",
+    }
 
 
 def test_insert_point_is_after_clearenv_and_before_command() -> None:
