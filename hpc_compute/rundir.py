@@ -61,6 +61,8 @@ class LaunchSpec:
     runtime_env: dict[str, str] = field(default_factory=dict)
     preflight_paths: tuple[str, ...] = ()
     status_fd_flag: str | None = None
+    #: directories the wrapper creates on the executing node before the preflight
+    prepare_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

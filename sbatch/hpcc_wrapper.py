@@ -192,9 +192,10 @@ def load_spec(path: str) -> dict:
     env = launch.get("runtime_env") or {}
     if not isinstance(env, dict) or not _str_list(list(env)) or not _str_list(list(env.values())):
         raise SpecInvalid("launch.runtime_env must map strings to strings")
-    paths = launch.get("preflight_paths") or []
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise SpecInvalid("launch.preflight_paths must be a list of strings")
+    for key in ("preflight_paths", "prepare_dirs"):
+        paths = launch.get(key) or []
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith("/") for p in paths):
+            raise SpecInvalid(f"launch.{key} must be a list of absolute paths")
     limit = spec.get("time_limit_s")
     if limit is not None and (not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit <= 0):
         raise SpecInvalid("time_limit_s must be a positive number or null")
@@ -472,6 +473,11 @@ class Wrapper:
         launch = spec["launch"]
         self.uses_status = bool(launch.get("status_fd_flag"))
 
+        for directory in launch.get("prepare_dirs") or []:
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                return self.setup_failure(f"cannot create {directory}: {exc.strerror}")
         missing = [p for p in launch.get("preflight_paths") or [] if not os.path.lexists(p)]
         if missing:
             return self.setup_failure("preflight: missing {}".format(", ".join(missing)))

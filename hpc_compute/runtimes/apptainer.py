@@ -25,8 +25,8 @@ Only a local ``.sif`` image is accepted; any ``scheme://`` is refused (pulls are
 mutable). Apptainer's own failures exit 255 like a user's ``exit 255``: the wrapper's trusted
 preflight (image and bind sources exist) and started marker tell them apart.
 
-``--workdir`` must exist on the executing node before apptainer starts (the wrapper does not
-create it).
+``--workdir`` must exist on the executing node before apptainer starts: it is listed in
+``prepare_dirs`` and the wrapper creates it.
 """
 
 from __future__ import annotations
@@ -192,4 +192,5 @@ def apptainer_launch(plan: SandboxPlan, apptainer: str = "apptainer") -> LaunchS
         runtime_env=dict(RUNTIME_ENV),
         preflight_paths=(image, *sources, output, scratch),
         status_fd_flag=None,
+        prepare_dirs=(posixpath.join(scratch, WORKDIR_NAME),),
     )

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run them all:
+#   python deps (pip), then the project's Ansible playbook (bubblewrap, sshd, Postgres, munge,
+#   MariaDB, slurmdbd, slurmctld, slurmd with two fake GPUs), then pytest.
+# Fails loudly: any step that fails stops the run with a non-zero exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test-all.sh provisions a single-node Slurm and Postgres on this machine: run it as root" >&2
+  exit 2
+fi
+
+step "python dependencies"
+python3 -m pip install -q -e '.[dev]'
+
+step "cluster and services (ansible/playbooks/dev-cluster.yml)"
+ansible-playbook -i ansible/inventory/localhost.yml ansible/playbooks/dev-cluster.yml
+
+step "lint: ruff, mypy --strict, ansible-lint"
+ruff check hpc_compute tests bench
+mypy --strict hpc_compute
+ansible-lint ansible/
+
+step "tests"
+export HPC_COMPUTE_TEST_PG_URL="${HPC_COMPUTE_TEST_PG_URL:-postgresql+psycopg://hpcc:hpcc@127.0.0.1:5432/hpcc_test}"
+export HPC_COMPUTE_REQUIRE_SERVICES=1   # a test that needs Postgres, Slurm or sshd fails instead of skipping
+set +e
+timeout --signal=TERM 75m python3 -m pytest -ra --durations=15 "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$rc"
