@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hpc_compute.backends.base import Backend
 from hpc_compute.config import Settings, load_settings
 from hpc_compute.errors import ArtifactNotFound, SpecError, WaitTimeout
 from hpc_compute.harvest import open_artifact_file, safe_relative_path
@@ -31,8 +32,6 @@ from hpc_compute.spec import JobSpec, check_submittable, parse_spec
 
 SpecInput = JobSpec | Mapping[str, Any]
 ProgressCallback = Callable[[RunInfo], None]
-
-AVAILABLE_BACKENDS = ("local",)
 
 
 class Client:
@@ -53,6 +52,7 @@ class Client:
         self.settings = settings
         self.owner = owner
         self.ledger = Ledger(settings.ledger_url)
+        self._backends: dict[str, Backend] | None = None
 
     def close(self) -> None:
         self.ledger.close()
@@ -81,11 +81,18 @@ class Client:
         return job
 
     def _check_backend(self, spec: JobSpec) -> None:
-        if spec.backend not in AVAILABLE_BACKENDS:
-            raise SpecError("backend", f"backend {spec.backend!r} is not available in this installation")
         from hpc_compute.engine import default_backends
 
-        default_backends(self.settings)[spec.backend].check(spec)
+        if self._backends is None:
+            self._backends = default_backends(self.settings)
+        backend = self._backends.get(spec.backend)
+        if backend is None:
+            raise SpecError(
+                "backend",
+                f"backend {spec.backend!r} is not configured here (configured: {', '.join(self._backends)}); "
+                f"add a [{spec.backend}] section to the config",
+            )
+        backend.check(spec)
 
     def submit(self, spec: SpecInput, *, owner: str | None = None, idempotency_key: str | None = None) -> RunInfo:
         """Accept a run into the ledger (state ``queued``). Invalid input raises SpecError and writes nothing."""

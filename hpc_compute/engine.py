@@ -47,9 +47,20 @@ def crash_point(name: str) -> None:
 
 
 def default_backends(settings: Settings) -> dict[str, Backend]:
+    """The backends this installation is configured for: ``local`` always; ``slurm`` and
+    ``opennebula`` when their config section (``[slurm]``, ``[opennebula]``) is present."""
     from hpc_compute.backends.local import LocalBackend
 
-    return {"local": LocalBackend(settings)}
+    backends: dict[str, Backend] = {"local": LocalBackend(settings)}
+    if settings.slurm:
+        from hpc_compute.backends.slurm import make_backend as make_slurm
+
+        backends["slurm"] = make_slurm(settings)
+    if settings.opennebula:
+        from hpc_compute.backends.opennebula import make_backend as make_opennebula
+
+        backends["opennebula"] = make_opennebula(settings)
+    return backends
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -144,16 +155,8 @@ class Engine:
         try:
             lease = self.settings.scheduler.lease_seconds
             self.ledger.register_scheduler(self.scheduler_id, os.getpid(), lease_s=lease)
-            for claimed in self.ledger.adopt_active(self.scheduler_id, self.backends, lease):
-                tracked = _Tracked(
-                    claimed=claimed,
-                    backend_job_id=claimed.backend_job_id,
-                    submitted_at=(claimed.submitted_at or claimed.created_at).timestamp(),
-                    needs_reconcile=claimed.backend_job_id is None,
-                    last_state=claimed.state,
-                )
-                self.tracked[claimed.attempt_id] = tracked
-                log.info("adopted attempt %s of run %s (%s)", claimed.attempt_id, claimed.run_id, claimed.state)
+            shared = not self.ledger.is_sqlite
+            self._track_adopted(self.ledger.adopt_active(self.scheduler_id, self.backends, lease, only_expired=shared))
         except Exception:
             self._release_lock()
             raise
@@ -217,10 +220,31 @@ class Engine:
         return 0
 
     def _heartbeat(self) -> None:
+        """Renew leases every third of a lease; drop attempts another scheduler took over; on a
+        shared ledger, take over attempts whose owner's lease expired (they are then polled or,
+        without a backend handle, reconciled: never blindly resubmitted)."""
         now = time.monotonic()
-        if now - self._last_heartbeat >= self.settings.scheduler.lease_seconds / 3:
-            self.ledger.heartbeat(self.scheduler_id)
-            self._last_heartbeat = now
+        if now - self._last_heartbeat < self.settings.scheduler.lease_seconds / 3:
+            return
+        lease = self.settings.scheduler.lease_seconds
+        owned = self.ledger.heartbeat(self.scheduler_id, lease_s=lease)
+        for attempt_id in [a for a in self.tracked if a not in owned]:
+            log.warning("attempt %s is no longer ours (lease lost): dropping it", attempt_id)
+            self._forget(attempt_id)
+        self._last_heartbeat = now
+        if not self.ledger.is_sqlite:
+            self._track_adopted(self.ledger.adopt_active(self.scheduler_id, self.backends, lease, only_expired=True))
+
+    def _track_adopted(self, adopted: list[ClaimedAttempt]) -> None:
+        for claimed in adopted:
+            self.tracked[claimed.attempt_id] = _Tracked(
+                claimed=claimed,
+                backend_job_id=claimed.backend_job_id,
+                submitted_at=(claimed.submitted_at or claimed.created_at).timestamp(),
+                needs_reconcile=claimed.backend_job_id is None,
+                last_state=claimed.state,
+            )
+            log.info("adopted attempt %s of run %s (%s)", claimed.attempt_id, claimed.run_id, claimed.state)
 
     def _claim_and_submit(self) -> int:
         capacity = self.settings.local.max_parallel - len(self.tracked)

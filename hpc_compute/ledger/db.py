@@ -23,6 +23,7 @@ from hpc_compute.errors import LedgerUnavailable
 from hpc_compute.resources import migrations_dir
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+VERSION_TABLE = "hpcc_alembic_version"  # must match alembic/env.py
 
 
 def is_sqlite(url: str) -> bool:
@@ -102,7 +103,7 @@ def head_revision() -> str | None:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
 
 def safe_url(url: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -138,6 +139,7 @@ class Ledger:
         self.is_sqlite = db.is_sqlite(self.url)
         self.engine = db.make_engine(self.url)
         self._checked = False
+        self._ready_lock = threading.Lock()
         self._auto_upgrade = self.is_sqlite if auto_upgrade is None else auto_upgrade
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -153,6 +155,11 @@ class Ledger:
         """Check that the ledger is reachable and migrated (the embedded SQLite one migrates itself)."""
         if self._checked:
             return
+        with self._ready_lock:  # one thread checks (and, embedded, migrates); the others wait
+            if not self._checked:
+                self._check_revision()
+
+    def _check_revision(self) -> None:
         try:
             current = db.current_revision(self.engine)
         except (OperationalError, DBAPIError) as exc:
@@ -375,9 +382,30 @@ class Ledger:
                     other.stopped_at = now
             session.add(Scheduler(id=scheduler_id, hostname=host, pid=pid, started_at=now, heartbeat_at=now))
 
-    def heartbeat(self, scheduler_id: str) -> None:
+    def db_now(self, session: Session) -> datetime:
+        """The database's clock (leases are compared in database time, never local clocks)."""
+        if self.is_sqlite:
+            return utcnow()
+        value = session.execute(select(func.now())).scalar_one()
+        assert isinstance(value, datetime)
+        return value.astimezone(UTC)
+
+    def heartbeat(self, scheduler_id: str, *, lease_s: float) -> set[str]:
+        """Renew this scheduler's heartbeat and the leases of its active attempts; return the
+        attempt ids it still owns (one that is missing was taken over: stop touching it)."""
         with self._session(write=True) as session:
-            session.execute(update(Scheduler).where(col(Scheduler.id) == scheduler_id).values(heartbeat_at=utcnow()))
+            now = self.db_now(session)
+            session.execute(update(Scheduler).where(col(Scheduler.id) == scheduler_id).values(heartbeat_at=now))
+            active = [s.value for s in ACTIVE_ATTEMPT_STATES]
+            session.execute(
+                update(Attempt)
+                .where(col(Attempt.scheduler_id) == scheduler_id, col(Attempt.state).in_(active))
+                .values(lease_expires_at=now + timedelta(seconds=lease_s))
+            )
+            owned = session.exec(
+                select(Attempt.id).where(Attempt.scheduler_id == scheduler_id, col(Attempt.state).in_(active))
+            ).all()
+            return set(owned)
 
     def unregister_scheduler(self, scheduler_id: str) -> None:
         with self._session(write=True) as session:
@@ -385,23 +413,29 @@ class Ledger:
 
     # -- scheduler side -----------------------------------------------------------------------
 
-    def adopt_active(self, scheduler_id: str, backends: Iterable[str], lease_s: float) -> list[ClaimedAttempt]:
-        """Take over every active attempt of these backends (single-scheduler ledgers, at start-up),
-        bumping each fence so a previous owner that is somehow still alive can no longer write."""
-        now = utcnow()
+    def adopt_active(
+        self, scheduler_id: str, backends: Iterable[str], lease_s: float, *, only_expired: bool = False
+    ) -> list[ClaimedAttempt]:
+        """Take over active attempts of these backends, bumping each fence so a previous owner that
+        is somehow still alive can no longer write. ``only_expired`` (shared ledgers) limits this to
+        attempts whose lease ran out in database time; a single-scheduler ledger takes all at start-up."""
         out: list[ClaimedAttempt] = []
         with self._session(write=True) as session:
-            rows = session.exec(
-                self._lock_rows(
-                    select(Attempt, Run)
-                    .join(Run, col(Run.id) == col(Attempt.run_id))
-                    .where(
-                        col(Attempt.state).in_([s.value for s in ACTIVE_ATTEMPT_STATES]),
-                        col(Attempt.backend).in_(list(backends)),
-                    )
+            now = self.db_now(session)
+            stmt = (
+                select(Attempt, Run)
+                .join(Run, col(Run.id) == col(Attempt.run_id))
+                .where(
+                    col(Attempt.state).in_([s.value for s in ACTIVE_ATTEMPT_STATES]),
+                    col(Attempt.backend).in_(list(backends)),
+                    col(Attempt.scheduler_id).is_distinct_from(scheduler_id),
                 )
-            ).all()
+            )
+            if only_expired:
+                stmt = stmt.where(col(Attempt.lease_expires_at).is_(None) | (col(Attempt.lease_expires_at) < now))
+            rows = session.exec(stmt if self.is_sqlite else stmt.with_for_update(of=Attempt, skip_locked=True)).all()
             for attempt, run in rows:
+                previous = attempt.scheduler_id
                 attempt.fence += 1
                 attempt.scheduler_id = scheduler_id
                 attempt.lease_expires_at = now + timedelta(seconds=lease_s)
@@ -411,7 +445,7 @@ class Ledger:
                     "adopted",
                     now,
                     attempt_id=attempt.id,
-                    message=f"attempt {attempt.number} adopted by scheduler {scheduler_id}",
+                    message=f"attempt {attempt.number} adopted by scheduler {scheduler_id} from {previous}",
                 )
                 out.append(self._claimed(attempt, run))
         return out
