@@ -29,6 +29,11 @@ from typing import Annotated, Any, NoReturn
 import click
 import typer
 
+try:  # typer >= 0.20 raises the exceptions of its vendored click, not of the click package
+    from typer._click.exceptions import ClickException as _VendoredClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _VendoredClickException = click.ClickException
+
 from hpc_compute import __version__
 from hpc_compute.api import Client
 from hpc_compute.config import Settings, load_settings
@@ -481,10 +486,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except (click.ClickException, _VendoredClickException) as exc:
         exc.show()
         sys.exit(EXIT_USAGE)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)

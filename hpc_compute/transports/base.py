@@ -44,6 +44,11 @@ class Transport(abc.ABC):
         """A regular file's content (no symlink followed); None if missing, not regular or larger than max_bytes."""
 
     @abc.abstractmethod
+    def create_exclusive(self, remote_path: str, data: bytes, mode: int = 0o600) -> bool:
+        """Create a file that must not exist yet (``O_EXCL``): True if created, False if it existed.
+        FileNotFoundError when the directory is missing."""
+
+    @abc.abstractmethod
     def makedirs(self, remote_path: str, mode: int = 0o700) -> None:
         """Create a directory and its parents (existing ones are fine)."""
 

@@ -77,6 +77,17 @@ class LocalTransport(Transport):
             return os.path.isfile(local_path)
         return super().fetch_file(remote_path, local_path, max_bytes)
 
+    def create_exclusive(self, remote_path: str, data: bytes, mode: int = 0o600) -> bool:
+        try:
+            fd = os.open(remote_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+
     def makedirs(self, remote_path: str, mode: int = 0o700) -> None:
         os.makedirs(remote_path, mode=mode, exist_ok=True)
 

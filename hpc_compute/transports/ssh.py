@@ -161,7 +161,9 @@ class SshTransport(Transport):
                 except _NET_ERRORS as exc:
                     self._drop()
                     raise BackendUnavailable(f"ssh {self._where()}: cannot open SFTP: {exc}") from exc
-                sftp.get_channel().settimeout(self.io_timeout)  # type: ignore[union-attr]
+                channel = sftp.get_channel()
+                if channel is not None:
+                    channel.settimeout(self.io_timeout)
                 self._sftp_client = sftp
             return self._sftp_client
 
@@ -199,7 +201,7 @@ class SshTransport(Transport):
                 while channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
                 if len(out) + len(err) > MAX_OUTPUT_BYTES:
-                    raise BackendUnavailable(f"ssh {self._where()}: {argv[0]} printed more than {MAX_OUTPUT_BYTES} bytes")
+                    raise BackendUnavailable(f"ssh {self._where()}: {argv[0]} printed over {MAX_OUTPUT_BYTES} bytes")
                 if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
                     break
                 if time.monotonic() >= deadline:
@@ -230,7 +232,7 @@ class SshTransport(Transport):
                     handle.chmod(mode)
                     handle.write(data)
                 sftp.posix_rename(tmp, remote_path)
-            except (paramiko.SSHException, EOFError, socket.timeout) as exc:
+            except (TimeoutError, paramiko.SSHException, EOFError) as exc:
                 raise self._net_failure(f"cannot write {remote_path}", exc) from exc
 
     def read_file(self, remote_path: str, max_bytes: int) -> bytes | None:
@@ -247,11 +249,31 @@ class SshTransport(Transport):
                     data = handle.read(max_bytes + 1)
             except (FileNotFoundError, PermissionError):
                 return None
-            except (paramiko.SSHException, EOFError, socket.timeout) as exc:
+            except (TimeoutError, paramiko.SSHException, EOFError) as exc:
                 raise self._net_failure(f"cannot read {remote_path}", exc) from exc
             except OSError:
                 return None
         return None if len(data) > max_bytes else bytes(data)
+
+    def create_exclusive(self, remote_path: str, data: bytes, mode: int = 0o600) -> bool:
+        with self._lock:
+            sftp = self._sftp()
+            try:
+                with sftp.open(remote_path, "wx") as handle:
+                    handle.chmod(mode)
+                    handle.write(data)
+                return True
+            except FileNotFoundError:
+                raise
+            except (TimeoutError, paramiko.SSHException, EOFError) as exc:
+                raise self._net_failure(f"cannot create {remote_path}", exc) from exc
+            except OSError:
+                # SFTP v3 reports an existing file as a generic failure: look
+                try:
+                    sftp.lstat(remote_path)
+                except FileNotFoundError:
+                    raise
+                return False
 
     def makedirs(self, remote_path: str, mode: int = 0o700) -> None:
         with self._lock:
@@ -268,15 +290,40 @@ class SshTransport(Transport):
                         continue
                     if st.st_mode is None or not stat.S_ISDIR(st.st_mode):
                         raise NotADirectoryError(f"{current} exists and is not a directory")
-            except (paramiko.SSHException, EOFError, socket.timeout) as exc:
+            except (TimeoutError, paramiko.SSHException, EOFError) as exc:
                 raise self._net_failure(f"cannot create {remote_path}", exc) from exc
+
+    def fetch_file(self, remote_path: str, local_path: Path, max_bytes: int) -> bool:
+        """Stream one regular file here (at most ``max_bytes``; the rest is cut)."""
+        with self._lock:
+            sftp = self._sftp()
+            try:
+                st = sftp.lstat(remote_path)
+                if st.st_mode is None or not stat.S_ISREG(st.st_mode):
+                    return False
+                local_path.parent.mkdir(parents=True, exist_ok=True)
+                with sftp.open(remote_path, "rb") as handle, open(local_path, "wb") as out:
+                    if not _same_file(st, handle.stat()):
+                        return False
+                    left = min(st.st_size or 0, max_bytes)
+                    while left > 0:
+                        chunk = handle.read(min(_CHUNK, left))
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        left -= len(chunk)
+                return True
+            except (FileNotFoundError, PermissionError):
+                return False
+            except (TimeoutError, paramiko.SSHException, EOFError) as exc:
+                raise self._net_failure(f"cannot fetch {remote_path}", exc) from exc
 
     def harvest(self, remote_dir: str, dest: Path, limits: HarvestLimits) -> HarvestReport:
         with self._lock:
             sftp = self._sftp()
             try:
                 return SftpHarvester(sftp, limits).harvest(remote_dir, dest)
-            except (paramiko.SSHException, EOFError, socket.timeout) as exc:
+            except (TimeoutError, paramiko.SSHException, EOFError) as exc:
                 raise self._net_failure(f"cannot harvest {remote_dir}", exc) from exc
 
 
@@ -295,6 +342,11 @@ def _link_count(attr: paramiko.SFTPAttributes) -> int | None:
     if len(fields) < 2 or not fields[1].isdigit():
         return None
     return int(fields[1])
+
+
+def _sort_key(attr: paramiko.SFTPAttributes) -> bytes:
+    name: Any = attr.filename
+    return os.fsencode(name) if isinstance(name, str) else bytes(name)
 
 
 def _prepare_dest(dest: Path) -> None:
@@ -357,7 +409,7 @@ class SftpHarvester:
         except PermissionError as exc:
             self.refuse(prefix.rstrip("/") or ".", f"{R_OPEN_FAILED}: {exc.strerror or exc}")
             return
-        for attr in sorted(entries, key=lambda a: os.fsencode(a.filename) if isinstance(a.filename, str) else a.filename):
+        for attr in sorted(entries, key=_sort_key):
             name: Any = attr.filename
             if not isinstance(name, str):
                 self.refuse(prefix + os.fsdecode(name).encode("utf-8", "backslashreplace").decode(), R_NAME_NOT_UTF8)

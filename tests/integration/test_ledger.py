@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -344,9 +345,12 @@ def test_finish_success_records_artifacts(ledger: Ledger) -> None:
         (FailureKind.OOM, 137, None),
     ],
 )
-def test_job_failure_is_not_retried(ledger: Ledger, kind: FailureKind, exit_code: int | None, signal: int | None) -> None:
+def test_job_failure_is_not_retried(
+    ledger: Ledger, kind: FailureKind, exit_code: int | None, signal: int | None
+) -> None:
     run_id, item = running(ledger)
-    state = ledger.finish_attempt(item.attempt_id, item.fence, result(exit_code, kind, signal=signal, message="m"), None)
+    outcome = result(exit_code, kind, signal=signal, message="m")
+    state = ledger.finish_attempt(item.attempt_id, item.fence, outcome, None)
     assert state == RunState.FAILED
     run = ledger.get_run(run_id)
     assert (run.state, run.failure_kind, run.exit_code, run.signal) == (RunState.FAILED, kind, exit_code, signal)
@@ -384,7 +388,7 @@ def test_infrastructure_failure_retried_with_backoff(ledger: Ledger, kinds: tupl
 
 
 def test_max_attempts_one_means_no_retry(ledger: Ledger) -> None:
-    run_id, item = running(ledger, job(retry={"max_attempts": 1}))
+    _, item = running(ledger, job(retry={"max_attempts": 1}))
     assert ledger.finish_attempt(item.attempt_id, item.fence, result(None, FailureKind.NODE_FAIL), None) == (
         RunState.FAILED
     )
@@ -406,7 +410,8 @@ def test_also_retry_is_opt_in(ledger: Ledger) -> None:
 def test_finish_cancelled(ledger: Ledger) -> None:
     run_id, item = running(ledger)
     ledger.request_cancel(run_id)
-    state = ledger.finish_attempt(item.attempt_id, item.fence, result(None, FailureKind.SIGNAL, signal=15, cancelled=True), None)
+    outcome = result(None, FailureKind.SIGNAL, signal=15, cancelled=True)
+    state = ledger.finish_attempt(item.attempt_id, item.fence, outcome, None)
     assert state == RunState.CANCELLED
     run = ledger.get_run(run_id)
     assert run.state == RunState.CANCELLED and run.failure_kind is None and run.finished_at is not None
@@ -506,6 +511,10 @@ def test_request_cancel_running_sets_flag(ledger: Ledger) -> None:
     ledger.request_cancel(run_id)
     assert len(ledger.events(run_id)) == n  # one request is recorded once
     assert ledger.cancel_flags([]) == set()
+    # the scheduler confirms: the attempt ends as cancelled
+    assert ledger.finish_attempt(item.attempt_id, item.fence, result(None, cancelled=True), None) == (
+        RunState.CANCELLED
+    )
 
 
 # -- events, artifacts, the transition function ----------------------------------------------------
@@ -533,7 +542,7 @@ def test_events_append_only_and_ordered(ledger: Ledger) -> None:
     assert note.message == "a fact" and note.data == {"k": 1}
     # every state event chains: from_state is the previous to_state
     states = [e for e in events if e.kind == "state"]
-    for prev, cur in zip(states, states[1:], strict=False):
+    for prev, cur in itertools.pairwise(states):
         assert cur.from_state == prev.to_state
 
 
@@ -596,7 +605,7 @@ def _scheduler(ledger: Ledger, sid: str) -> Scheduler:
 def test_second_live_scheduler_from_another_host(ledger: Ledger) -> None:
     _insert_scheduler(ledger, "other-host-1", "elsewhere.example", heartbeat_age_s=1)
     if ledger.is_sqlite:
-        with pytest.raises(SchedulerLocked, match="elsewhere.example"):
+        with pytest.raises(SchedulerLocked, match=r"elsewhere\.example"):
             ledger.register_scheduler("me-1", 1, lease_s=60)
         with Session(ledger.engine) as session:
             assert session.get(Scheduler, "me-1") is None
@@ -617,7 +626,7 @@ def test_stale_scheduler_does_not_block(ledger: Ledger) -> None:
         assert _scheduler(ledger, "same-host-1").stopped_at is not None  # the flock decides on one host
     before = _scheduler(ledger, "me-1").heartbeat_at
     time.sleep(0.01)
-    ledger.heartbeat("me-1")
+    ledger.heartbeat("me-1", lease_s=60)
     assert _scheduler(ledger, "me-1").heartbeat_at > before
     ledger.unregister_scheduler("me-1")
     assert _scheduler(ledger, "me-1").stopped_at is not None

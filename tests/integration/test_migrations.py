@@ -40,7 +40,7 @@ def _drift(url: str) -> list[object]:
 def test_upgrade_from_empty_matches_models(ledger_url: str) -> None:
     assert _tables(ledger_url) & TABLES == set()
     db.upgrade(ledger_url)
-    assert TABLES <= _tables(ledger_url)
+    assert _tables(ledger_url) >= TABLES
     engine = db.make_engine(ledger_url)
     try:
         assert db.current_revision(engine) == db.head_revision() is not None

@@ -345,5 +345,5 @@ def test_canonical_json_is_sorted_compact_and_round_trips() -> None:
 
 def test_spec_is_frozen() -> None:
     spec = parse_spec(dict(BASE))
-    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError on frozen models
+    with pytest.raises(Exception):
         spec.backend = "slurm"  # type: ignore[misc]

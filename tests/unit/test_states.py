@@ -72,4 +72,4 @@ def test_active_states_no_op_is_legal(state: RunState) -> None:
 
 
 def test_terminal_set() -> None:
-    assert TERMINAL_STATES == {OK, F, C}
+    assert {OK, F, C} == TERMINAL_STATES

@@ -231,7 +231,8 @@ def observe(record: SlurmRecord) -> Observation:
         return Observation(ObservationKind.RUNNING, reason=reason, backend_state=record.state)
     if state in TERMINAL_STATES:
         return Observation(ObservationKind.FINISHED, reason=record.state, backend_state=record.state)
-    return Observation(ObservationKind.UNKNOWN, reason=f"unknown Slurm state {record.state!r}", backend_state=record.state)
+    reason = f"unknown Slurm state {record.state!r}"
+    return Observation(ObservationKind.UNKNOWN, reason=reason, backend_state=record.state)
 
 
 def expected_wrapper_exit(result: dict[str, Any] | None) -> int | None:

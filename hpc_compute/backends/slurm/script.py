@@ -46,7 +46,8 @@ class ScriptValueError(SpecError):
 
 
 def _control(value: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in value)
+    """Control characters, and the Unicode line separators some readers break lines at."""
+    return any(ord(c) < 32 or 127 <= ord(c) <= 159 or c in "\u2028\u2029" for c in value)
 
 
 def shell_quote(value: Any) -> str:
@@ -60,7 +61,8 @@ def sbatch_path(value: Any) -> str:
     if not isinstance(value, str) or not SBATCH_PATH_RE.match(value) or "/../" in f"{value}/":
         raise ScriptValueError(
             "attempt_dir",
-            f"{value!r} cannot stand on an #SBATCH line: it must be an absolute path of letters, digits and ._/+@,:=%~-",
+            f"{value!r} cannot stand on an #SBATCH line: it must be an absolute path of letters, digits"
+            " and ._/+@,:=%~-",
         )
     return value
 
@@ -124,10 +126,11 @@ FILTERS = {
 
 @lru_cache(maxsize=4)
 def _environment(directory: str) -> jinja2.Environment:
-    env = jinja2.Environment(  # noqa: S701 - shell text, not HTML: every value goes through a filter above
+    # shell text, not HTML: every value goes through one of the filters above instead
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(directory),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,
+        autoescape=False,  # noqa: S701
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
@@ -191,9 +194,8 @@ def script_values(
     placement = spec.placement
     partition = placement.partition or settings.partition
     if partition is not None and settings.partitions is not None and partition not in settings.partitions:
-        raise ScriptValueError(
-            "placement.partition", f"{partition!r} is not one of this site's partitions: {', '.join(settings.partitions)}"
-        )
+        allowed = ", ".join(settings.partitions)
+        raise ScriptValueError("placement.partition", f"{partition!r} is not one of this site's partitions: {allowed}")
     resources = spec.resources
     return ScriptValues(
         attempt_id=attempt_id,

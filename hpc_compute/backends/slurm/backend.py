@@ -1,0 +1,605 @@
+"""The Slurm backend: a constant sbatch script per attempt, batched status queries, Slurm's
+record as the authority on how a job ended.
+
+Per poll, whatever the number of runs: one ``squeue -h -t all --me`` for every job still in
+slurmctld's memory; ``scontrol show job -o`` (one call) for the exit codes of the jobs squeue
+shows as finished; ``sacct -X`` in chunks, only for jobs that left squeue and only when
+accounting works. A query that fails is *unknown*, never *finished*: the run keeps its state.
+
+Submission: the attempt directory (spec.json, a copy of the wrapper, the script) is staged
+through the transport, then ``sbatch --parsable`` runs the script. The script carries the tag
+``hpcc-<attempt>`` as job name and comment, so a crash between sbatch and the ledger commit is
+reconciled by name (:meth:`SlurmBackend.find`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import pwd
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hpc_compute.backends.base import (
+    Backend,
+    FindKind,
+    FindResult,
+    Observation,
+    ObservationKind,
+    Outcome,
+    SubmitError,
+    Ticket,
+)
+from hpc_compute.backends.outcome import outcome_from_result
+from hpc_compute.backends.slurm import parse
+from hpc_compute.backends.slurm.config import SlurmSettings
+from hpc_compute.backends.slurm.parse import SlurmRecord
+from hpc_compute.backends.slurm.script import render_script, script_values
+from hpc_compute.config import Settings
+from hpc_compute.errors import BackendUnavailable, ConfigError, SpecError
+from hpc_compute.harvest import HarvestLimits, HarvestReport
+from hpc_compute.resources import wrapper_path
+from hpc_compute.rundir import (
+    CLAIM_FILE,
+    LOGS_DIR,
+    OUTPUT_DIR,
+    RESULT_FILE,
+    SCRATCH_DIR,
+    SPEC_FILE,
+    STDERR_FILE,
+    STDOUT_FILE,
+    WRAPPER_LOG,
+    AttemptSpec,
+)
+from hpc_compute.runtimes import SandboxPlan, build_launch
+from hpc_compute.spec import JobSpec
+from hpc_compute.transports.base import CommandResult, Transport
+from hpc_compute.transports.local import LocalTransport
+
+log = logging.getLogger("hpc_compute.backends.slurm")
+
+SCRIPT_FILE = "sbatch.sh"
+WRAPPER_FILE = "hpcc_wrapper.py"
+SLURM_LOGS = ("slurm.out", "slurm.err")
+RESULT_MAX_BYTES = 1 << 20
+LOG_MAX_BYTES = 256 << 20
+_PARSABLE_RE = re.compile(r"^(\d+)(;\S+)?$")
+
+#: sbatch messages after which the job surely does not exist and never will (retrying cannot help)
+PERMANENT_REFUSALS = (
+    "Requested node configuration is not available",
+    "Invalid generic resource",
+    "Invalid account or account/partition combination",
+    "Invalid account",
+    "Invalid qos specification",
+    "Invalid partition name specified",
+    "invalid partition specified",
+    "Requested partition configuration not available",
+    "More processors requested than permitted",
+    "Memory required by task is not available",
+    "Requested time limit is invalid",
+    "Invalid feature specification",
+    "Node count specification invalid",
+    "Job violates accounting/QOS policy",
+    "Access/permission denied",
+    "User's group not permitted to use this partition",
+    "Invalid Trackable RESource (TRES) specification",
+)
+#: messages after which nobody knows whether slurmctld created the job
+AMBIGUOUS_ERRORS = (
+    "Socket timed out",
+    "temporarily unable",
+    "Unable to contact slurm controller",
+    "Zero Bytes were transmitted or received",
+    "Communication connection failure",
+    "Slurm backup controller in standby mode",
+)
+_REFUSED_MARK = "Batch job submission failed"
+_GONE = ("Invalid job id specified", "already completing or completed", "Job has already finished")
+
+
+def make_transport(conf: SlurmSettings) -> Transport:
+    if conf.transport == "ssh":
+        from hpc_compute.transports.ssh import SshTransport
+
+        ssh = conf.ssh
+        return SshTransport(
+            ssh.host,
+            port=ssh.port,
+            user=ssh.user,
+            key_file=ssh.key_file,
+            known_hosts=ssh.known_hosts,
+            connect_timeout=ssh.connect_timeout,
+            keepalive=ssh.keepalive,
+            io_timeout=conf.command_timeout,
+        )
+    return LocalTransport()
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-3:])[:2000]
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        slurm: SlurmSettings | dict[str, Any] | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.settings = settings
+        if isinstance(slurm, SlurmSettings):
+            self.conf = slurm
+        else:
+            self.conf = SlurmSettings.from_mapping(slurm if slurm is not None else settings.slurm)
+        self.transport = transport if transport is not None else make_transport(self.conf)
+        self.reconcile_grace_s = self.conf.reconcile_grace_s
+        self._accounting: bool | None = {"on": True, "off": False}.get(self.conf.accounting)
+        #: the last terminal record seen per job id, for collect()
+        self._records: dict[str, SlurmRecord] = {}
+        #: job ids proved absent (past the grace period, every query succeeded)
+        self._absent: set[str] = set()
+        self._squeue_cache: tuple[float, dict[str, SlurmRecord]] | None = None
+        #: commands run, by program name (tests and metrics)
+        self.calls: Counter[str] = Counter()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _bin(self, program: str) -> str:
+        return posixpath.join(self.conf.bin_dir, program) if self.conf.bin_dir else program
+
+    def _run(self, program: str, args: list[str], *, timeout: float | None = None) -> CommandResult:
+        self.calls[program] += 1
+        return self.transport.run([self._bin(program), *args], timeout or self.conf.command_timeout)
+
+    def remote_dir(self, ticket: Ticket) -> str:
+        """The attempt directory as the cluster sees it."""
+        if self.conf.remote_work_root:
+            return posixpath.join(self.conf.remote_work_root, ticket.run_id, ticket.attempt_id)
+        return str(ticket.attempt_dir)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- check / submit -----------------------------------------------------------------------
+
+    def check(self, spec: JobSpec) -> None:
+        conf = self.conf
+        if conf.max_node_gpus is not None and spec.resources.gpus > conf.max_node_gpus:
+            raise SpecError(
+                "resources.gpus",
+                f"asked for {spec.resources.gpus} GPU(s); the largest node of this cluster has {conf.max_node_gpus}",
+            )
+        if conf.runtime == "apptainer" and not spec.image.endswith(".sif"):
+            raise SpecError("image", "this Slurm site runs Apptainer: give a local .sif image")
+        if conf.runtime == "bubblewrap" and spec.image.endswith(".sif"):
+            raise SpecError("image", "this Slurm site runs bubblewrap: give 'host' or a rootfs directory, not a .sif")
+        partition = spec.placement.partition
+        if partition is not None and conf.partitions is not None and partition not in conf.partitions:
+            raise SpecError("placement.partition", f"{partition!r} is not one of: {', '.join(conf.partitions)}")
+
+    def _inputs(self, spec: JobSpec) -> tuple[tuple[str, str], ...]:
+        if self.transport.remote:
+            return tuple((i.source, i.name) for i in spec.inputs)  # paths on the cluster
+        return tuple((str(Path(i.source).resolve()), i.name) for i in spec.inputs)
+
+    def render(self, ticket: Ticket) -> tuple[str, str]:
+        """(spec.json text, sbatch script) for the attempt; raises SpecError/ConfigError."""
+        spec = ticket.spec
+        remote = self.remote_dir(ticket)
+        plan = SandboxPlan(
+            run_id=ticket.run_id,
+            attempt_id=ticket.attempt_id,
+            image=spec.image,
+            command=spec.command,
+            env=dict(spec.env),
+            inputs=self._inputs(spec),
+            output_dir=posixpath.join(remote, OUTPUT_DIR),
+            scratch_dir=posixpath.join(remote, SCRATCH_DIR),
+            gpus=spec.resources.gpus,
+        )
+        executable = self.conf.bwrap if self.conf.runtime == "bubblewrap" else self.conf.apptainer
+        launch = build_launch(self.conf.runtime, plan, executable=executable)
+        attempt_spec = AttemptSpec(
+            run_id=ticket.run_id,
+            attempt_id=ticket.attempt_id,
+            launch=launch,
+            time_limit_s=spec.resources.time_limit,
+        )
+        values = script_values(
+            spec,
+            self.conf,
+            attempt_id=ticket.attempt_id,
+            attempt_dir=remote,
+            wrapper=self.conf.wrapper or posixpath.join(remote, WRAPPER_FILE),
+        )
+        return attempt_spec.to_json(), render_script(values)
+
+    def stage(self, ticket: Ticket) -> str:
+        """Write the attempt directory through the transport; return the script's path there."""
+        spec_json, script = self.render(ticket)
+        remote = self.remote_dir(ticket)
+        transport = self.transport
+        transport.makedirs(remote, 0o700)
+        for sub in (LOGS_DIR, OUTPUT_DIR, SCRATCH_DIR):
+            transport.makedirs(posixpath.join(remote, sub), 0o700)
+        transport.put_file(spec_json.encode(), posixpath.join(remote, SPEC_FILE), 0o600)
+        if self.conf.wrapper is None:
+            transport.put_file(wrapper_path().read_bytes(), posixpath.join(remote, WRAPPER_FILE), 0o600)
+        script_path = posixpath.join(remote, SCRIPT_FILE)
+        transport.put_file(script.encode(), script_path, 0o600)
+        if transport.remote:
+            # a local copy of what was submitted, next to the logs collect() brings back
+            ticket.attempt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (ticket.attempt_dir / SCRIPT_FILE).write_text(script)
+        return script_path
+
+    def submit(self, ticket: Ticket) -> str:
+        try:
+            script_path = self.stage(ticket)
+        except (SpecError, ConfigError) as exc:
+            raise SubmitError(f"cannot build the job: {exc}", definite=True, retryable=False) from exc
+        except (OSError, BackendUnavailable) as exc:
+            raise SubmitError(f"cannot stage {self.remote_dir(ticket)}: {exc}", definite=True) from exc
+        try:
+            result = self._run("sbatch", ["--parsable", script_path], timeout=self.conf.sbatch_timeout)
+        except BackendUnavailable as exc:
+            raise SubmitError(f"sbatch outcome unknown: {exc}", definite=False) from exc
+        stdout = result.stdout.strip()
+        if result.returncode == 0:
+            match = _PARSABLE_RE.match(stdout)
+            if match:
+                return match.group(1)
+            raise SubmitError(f"sbatch printed no job id: {stdout[:200]!r}", definite=False)
+        message = _first_line(result.stderr) or f"sbatch exited with {result.returncode}"
+        if any(marker in message for marker in AMBIGUOUS_ERRORS):
+            raise SubmitError(f"sbatch outcome unknown: {message}", definite=False)
+        if any(marker in message for marker in PERMANENT_REFUSALS):
+            raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=False)
+        if _REFUSED_MARK in message:
+            raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=True)
+        raise SubmitError(f"sbatch failed ({result.returncode}): {message}", definite=False)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def _squeue(self, extra: list[str]) -> dict[str, SlurmRecord]:
+        result = self._run("squeue", ["-h", "-t", "all", "--me", *extra, "-o", parse.SQUEUE_FORMAT])
+        if result.returncode != 0:
+            raise BackendUnavailable(f"squeue failed ({result.returncode}): {_first_line(result.stderr)}")
+        return parse.parse_squeue(result.stdout)
+
+    def _squeue_all(self) -> dict[str, SlurmRecord]:
+        now = time.monotonic()
+        cached = self._squeue_cache
+        if cached is not None and now - cached[0] < self.conf.min_poll_interval:
+            return cached[1]
+        records = {k: v for k, v in self._squeue([]).items() if parse.is_ours(v.name)}
+        self._squeue_cache = (time.monotonic(), records)
+        return records
+
+    def accounting(self) -> bool | None:
+        """Whether sacct works here: detected once (``auto``); None while the probe fails."""
+        if self._accounting is not None:
+            return self._accounting
+        try:
+            result = self._run("sacct", ["-n", "-X", "-j", "1", "-o", "JobIDRaw"])
+        except BackendUnavailable:
+            return None
+        if parse.accounting_disabled(result.stdout, result.stderr):
+            self._accounting = False
+        elif result.returncode == 0:
+            self._accounting = True
+        else:
+            log.warning("sacct probe failed (%s): %s", result.returncode, _first_line(result.stderr))
+            return None
+        return self._accounting
+
+    @staticmethod
+    def _since(times: Iterable[float | None], slack: float) -> str:
+        now = time.time()
+        earliest = min((t for t in times if t is not None), default=now)
+        return f"now-{int(max(0.0, now - earliest) + slack) + 1}"
+
+    def _sacct(self, selector: list[str], since: str) -> list[SlurmRecord]:
+        fields = ["-X", "-D", "-P", "-n", f"--delimiter={parse.SEP}", f"--format={parse.SACCT_FORMAT}"]
+        result = self._run("sacct", [*fields, *selector, "-S", since, "-E", "now"])
+        if parse.accounting_disabled(result.stdout, result.stderr):
+            self._accounting = False if self.conf.accounting == "auto" else self._accounting
+            raise BackendUnavailable("sacct: accounting storage is disabled")
+        if result.returncode != 0:
+            raise BackendUnavailable(f"sacct failed ({result.returncode}): {_first_line(result.stderr)}")
+        return parse.parse_sacct(result.stdout)
+
+    def _sacct_ids(self, job_ids: list[str], since: str) -> dict[str, SlurmRecord]:
+        out: dict[str, SlurmRecord] = {}
+        chunk = self.conf.sacct_chunk
+        for start in range(0, len(job_ids), chunk):
+            part = job_ids[start : start + chunk]
+            out.update(parse.latest_by_id(self._sacct(["-j", ",".join(part)], since)))
+        return out
+
+    def _scontrol(self) -> dict[str, SlurmRecord]:
+        result = self._run("scontrol", ["show", "job", "-o"])
+        if result.returncode != 0:
+            raise BackendUnavailable(f"scontrol failed ({result.returncode}): {_first_line(result.stderr)}")
+        return parse.parse_scontrol(result.stdout)
+
+    def _result_exists(self, ticket: Ticket) -> bool:
+        path = posixpath.join(self.remote_dir(ticket), RESULT_FILE)
+        return self.transport.read_file(path, RESULT_MAX_BYTES) is not None
+
+    # -- poll ---------------------------------------------------------------------------------
+
+    def poll(self, tickets: list[Ticket]) -> dict[str, Observation]:
+        out: dict[str, Observation] = {}
+        try:
+            queue = self._squeue_all()
+        except BackendUnavailable as exc:
+            log.warning("squeue failed; every job's state is unknown this cycle: %s", exc)
+            return {t.attempt_id: Observation(ObservationKind.UNKNOWN, reason=str(exc)[:200]) for t in tickets}
+        finished: list[tuple[Ticket, SlurmRecord]] = []
+        missing: list[Ticket] = []
+        for ticket in tickets:
+            job_id = ticket.backend_job_id
+            if not job_id:
+                out[ticket.attempt_id] = Observation(ObservationKind.UNKNOWN, reason="no job id yet")
+                continue
+            record = queue.get(job_id)
+            if record is None or record.name != ticket.tag:
+                missing.append(ticket)
+                continue
+            observation = parse.observe(record)
+            if observation.kind == ObservationKind.FINISHED:
+                finished.append((ticket, record))
+            out[ticket.attempt_id] = observation
+        if finished:
+            self._finished_details(finished)
+        if missing:
+            out.update(self._poll_missing(missing))
+        return out
+
+    def _finished_details(self, finished: list[tuple[Ticket, SlurmRecord]]) -> None:
+        """Exit codes of jobs squeue shows as finished (squeue has none): one scontrol call; sacct
+        besides for jobs cancelled by someone else, to learn who."""
+        try:
+            details = self._scontrol()
+        except BackendUnavailable as exc:
+            log.warning("scontrol failed, collect() will ask again: %s", exc)
+            details = {}
+        for ticket, record in finished:
+            job_id = record.job_id
+            detail = details.get(job_id)
+            self._records[job_id] = detail if detail is not None and detail.name == ticket.tag else record
+        foreign = [t for t, r in finished if r.base_state == "CANCELLED" and not t.cancel_requested]
+        if foreign and self.accounting():
+            try:
+                found = self._sacct_ids([t.backend_job_id or "" for t in foreign], self._since([], 86400))
+            except BackendUnavailable:
+                return
+            for ticket in foreign:
+                rec = found.get(ticket.backend_job_id or "")
+                if rec is not None and rec.base_state == "CANCELLED" and rec.name == ticket.tag:
+                    self._records[rec.job_id] = rec
+
+    def _poll_missing(self, missing: list[Ticket]) -> dict[str, Observation]:
+        """Jobs squeue no longer shows: sacct (accounting on), else the result file."""
+        out: dict[str, Observation] = {}
+        accounting = self.accounting()
+        found: dict[str, SlurmRecord] = {}
+        if accounting:
+            since = self._since([t.submitted_at for t in missing], self.conf.sacct_slack_s)
+            try:
+                found = self._sacct_ids([t.backend_job_id or "" for t in missing], since)
+            except BackendUnavailable as exc:
+                log.warning("sacct failed; the jobs that left squeue stay unknown: %s", exc)
+                return {t.attempt_id: Observation(ObservationKind.UNKNOWN, reason=str(exc)[:200]) for t in missing}
+        now = time.time()
+        for ticket in missing:
+            job_id = ticket.backend_job_id or ""
+            record = found.get(job_id)
+            if record is not None and record.name == ticket.tag:
+                observation = parse.observe(record)
+                if observation.kind == ObservationKind.FINISHED:
+                    self._records[job_id] = record
+                out[ticket.attempt_id] = observation
+                continue
+            try:
+                has_result = self._result_exists(ticket)
+            except BackendUnavailable as exc:
+                out[ticket.attempt_id] = Observation(ObservationKind.UNKNOWN, reason=str(exc)[:200])
+                continue
+            if has_result:
+                # aged out of slurmctld (and no accounting to ask): the wrapper's result stands
+                out[ticket.attempt_id] = Observation(ObservationKind.FINISHED, backend_state="left the queue")
+                continue
+            within_grace = now - (ticket.submitted_at or now) < self.reconcile_grace_s
+            if accounting and not within_grace:
+                self._absent.add(job_id)
+                out[ticket.attempt_id] = Observation(ObservationKind.FINISHED, backend_state="lost")
+            else:
+                why = "not visible yet" if within_grace else "left squeue and accounting is off"
+                out[ticket.attempt_id] = Observation(ObservationKind.UNKNOWN, reason=f"job {job_id}: {why}")
+        return out
+
+    # -- reconciliation -----------------------------------------------------------------------
+
+    def find(self, tickets: list[Ticket]) -> dict[str, FindResult]:
+        if not tickets:
+            return {}
+        names = [t.tag for t in tickets]
+        by_name: dict[str, dict[str, SlurmRecord]] = {name: {} for name in names}
+        failures: list[str] = []
+        try:
+            for record in self._squeue(["--name", ",".join(names)]).values():
+                if record.name in by_name:
+                    by_name[record.name][record.job_id] = record
+        except BackendUnavailable as exc:
+            failures.append(str(exc))
+        accounting = self.accounting()
+        if accounting is None:
+            failures.append("cannot tell whether accounting works")
+        elif accounting:
+            since = self._since([t.submitted_at for t in tickets], self.conf.sacct_slack_s)
+            try:
+                for record in self._sacct(["--name", ",".join(names)], since):
+                    if record.name in by_name:
+                        by_name[record.name].setdefault(record.job_id, record)
+            except BackendUnavailable as exc:
+                failures.append(str(exc))
+        now = time.time()
+        out: dict[str, FindResult] = {}
+        for ticket in tickets:
+            jobs = by_name[ticket.tag]
+            if jobs:
+                out[ticket.attempt_id] = self._adopt(ticket, jobs)
+            elif failures:
+                out[ticket.attempt_id] = FindResult(FindKind.UNKNOWN, detail="; ".join(failures)[:500])
+            elif now - (ticket.submitted_at or now) < self.reconcile_grace_s:
+                out[ticket.attempt_id] = FindResult(FindKind.UNKNOWN, detail="within the grace period")
+            else:
+                out[ticket.attempt_id] = self._tombstone(ticket)
+        return out
+
+    def _adopt(self, ticket: Ticket, jobs: dict[str, SlurmRecord]) -> FindResult:
+        ordered = sorted(jobs, key=int)
+        keep, extras = ordered[0], ordered[1:]
+        cancelled: list[str] = []
+        for job_id in extras:
+            if jobs[job_id].terminal:
+                continue
+            try:
+                self._scancel(job_id)
+            except BackendUnavailable as exc:
+                log.warning("could not scancel duplicate %s of %s: %s", job_id, ticket.tag, exc)
+                continue
+            cancelled.append(job_id)
+        detail = f"{len(ordered)} jobs named {ticket.tag}" if extras else None
+        return FindResult(FindKind.FOUND, backend_job_id=keep, extras_cancelled=tuple(cancelled), detail=detail)
+
+    def _tombstone(self, ticket: Ticket) -> FindResult:
+        """Claim the attempt directory for nobody, so a job that appears after all can never run it."""
+        claim = posixpath.join(self.remote_dir(ticket), CLAIM_FILE)
+        data = json.dumps({"tombstone": True, "at": time.time()}).encode()
+        try:
+            created = self.transport.create_exclusive(claim, data)
+        except FileNotFoundError:
+            return FindResult(FindKind.ABSENT, detail="no attempt directory")
+        except BackendUnavailable as exc:
+            return FindResult(FindKind.UNKNOWN, detail=f"cannot tombstone: {exc}")
+        if created:
+            return FindResult(FindKind.ABSENT, detail="not found by squeue or sacct after the grace period")
+        try:
+            existing = self.transport.read_file(claim, RESULT_MAX_BYTES)
+        except BackendUnavailable as exc:
+            return FindResult(FindKind.UNKNOWN, detail=f"cannot read the claim: {exc}")
+        if existing is not None and b'"tombstone": true' in existing:
+            return FindResult(FindKind.ABSENT, detail="tombstoned earlier")
+        # a wrapper claimed the attempt, yet Slurm shows no job: never declare it absent
+        return FindResult(FindKind.UNKNOWN, detail="a wrapper claimed the attempt but Slurm shows no job by its tag")
+
+    # -- cancel / collect ---------------------------------------------------------------------
+
+    def _scancel(self, job_id: str) -> None:
+        result = self._run("scancel", [job_id])
+        if result.returncode != 0 and not any(g in result.stderr for g in _GONE):
+            raise BackendUnavailable(f"scancel {job_id} failed ({result.returncode}): {_first_line(result.stderr)}")
+
+    def cancel(self, ticket: Ticket) -> None:
+        if ticket.backend_job_id:
+            self._scancel(ticket.backend_job_id)
+            self._squeue_cache = None
+
+    def _record_for(self, ticket: Ticket) -> SlurmRecord | None:
+        job_id = ticket.backend_job_id
+        if not job_id:
+            return None
+        record = self._records.pop(job_id, None)
+        if record is not None:
+            return record
+        # a fresh process (or scontrol failed during the poll): ask again
+        try:
+            detail = self._scontrol().get(job_id)
+        except BackendUnavailable:
+            detail = None
+        if detail is not None and detail.name == ticket.tag and detail.terminal:
+            return detail
+        if self.accounting():
+            try:
+                found = self._sacct_ids([job_id], self._since([ticket.submitted_at], self.conf.sacct_slack_s))
+            except BackendUnavailable:
+                return None
+            rec = found.get(job_id)
+            if rec is not None and rec.name == ticket.tag and rec.terminal:
+                return rec
+        return None
+
+    def _who(self, record: SlurmRecord) -> str | None:
+        uid = record.cancelled_by
+        if uid is None or self.transport.remote or not uid.isdigit():
+            return f"uid {uid}" if uid else None
+        try:
+            return f"{pwd.getpwuid(int(uid)).pw_name} (uid {uid})"
+        except KeyError:
+            return f"uid {uid}"
+
+    def _harvest(self, remote_output: str, artifact_dir: Path, limits: HarvestLimits) -> HarvestReport:
+        """Harvest into a fresh sibling, then rename: a harvest cut short by a broken connection
+        leaves nothing half-done for the retry."""
+        staging = artifact_dir.with_name(f".{artifact_dir.name}.partial.{os.getpid()}")
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            report = self.transport.harvest(remote_output, staging, limits)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if artifact_dir.is_dir() and not artifact_dir.is_symlink() and not any(artifact_dir.iterdir()):
+            artifact_dir.rmdir()
+        os.replace(staging, artifact_dir)
+        return report
+
+    def collect(self, ticket: Ticket, artifact_dir: Path, limits: HarvestLimits) -> Outcome:
+        remote = self.remote_dir(ticket)
+        raw = self.transport.read_file(posixpath.join(remote, RESULT_FILE), RESULT_MAX_BYTES)
+        result: dict[str, Any] | None = None
+        if raw is not None:
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = None
+            result = value if isinstance(value, dict) else None
+        if self.transport.remote:
+            for name in (STDOUT_FILE, STDERR_FILE, WRAPPER_LOG, *SLURM_LOGS):
+                self.transport.fetch_file(posixpath.join(remote, name), ticket.attempt_dir / name, LOG_MAX_BYTES)
+        report = self._harvest(posixpath.join(remote, OUTPUT_DIR), artifact_dir, limits)
+        base = outcome_from_result(
+            result,
+            ticket,
+            harvest=report,
+            lost_message="the job ended without a result file (killed, or its node went away)",
+        )
+        record = self._record_for(ticket)
+        job_id = ticket.backend_job_id or ""
+        if record is not None:
+            self._absent.discard(job_id)
+            return parse.refine_outcome(
+                base, record, result=result, cancel_requested=ticket.cancel_requested, who=self._who(record)
+            )
+        if job_id in self._absent:
+            self._absent.discard(job_id)
+            note = "Slurm has no record of the job (not in squeue, not in sacct after the grace period)"
+            message = f"{base.message}; {note}" if base.message else note
+            return replace(base, message=message, backend_record={"source": "none", "job_id": job_id})
+        return replace(base, backend_record={"source": "result-file", "job_id": job_id})
