@@ -94,9 +94,7 @@ def pg_admin() -> Iterator[_PgAdmin]:
         import psycopg  # noqa: F401
     except ImportError as exc:  # pragma: no cover - dev dependency
         _unavailable(f"psycopg 3 is not installed: {exc}")
-    engine = create_engine(
-        base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}, pool_pre_ping=True
-    )
+    engine = create_engine(base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}, pool_pre_ping=True)
     try:
         with engine.connect() as conn:
             can_createdb = bool(

@@ -6,6 +6,7 @@ SQLite runs in WAL mode with a 30 s busy timeout; write transactions start with
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,26 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate to ``revision``. On SQLite an flock next to the file serialises processes that
+    migrate a fresh ledger at the same moment (Postgres serialises DDL itself)."""
+    lock = None
+    url = normalise_url(url)
+    if is_sqlite(url):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            lock = open(f"{database}.migrate.lock", "a")  # noqa: SIM115 - closed in finally
+            fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         command.upgrade(alembic_config(url), revision)
     except SQLAlchemyError as exc:
         raise LedgerUnavailable(
             f"cannot migrate the ledger at {safe_url(url)}: {exc.__class__.__name__}: {exc}"
         ) from exc
+    finally:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
 
 
 def head_revision() -> str | None:

@@ -60,7 +60,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def job_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("jobs")
     (folder / "bad-mem.toml").write_text('command = ["true"]\n[resources]\nmemory = "-4G"\n')
-    (folder / "bad-env.yaml").write_text("command: [\"true\"]\nenv:\n  1BAD: x\n")
+    (folder / "bad-env.yaml").write_text('command: ["true"]\nenv:\n  1BAD: x\n')
     (folder / "broken.toml").write_text("command = [\n")
     (folder / "no-command.yaml").write_text("image: host\n")
     return folder
@@ -101,9 +101,7 @@ BAD_INPUT = [
 
 
 @pytest.fixture(scope="module")
-def bad_input_results(
-    home: Path, job_files: Path
-) -> tuple[int, int, dict[int, subprocess.CompletedProcess[str]]]:
+def bad_input_results(home: Path, job_files: Path) -> tuple[int, int, dict[int, subprocess.CompletedProcess[str]]]:
     """Run the whole matrix at once (in parallel: each CLI start costs most of a second)."""
     before = run_count(home)
 
@@ -152,9 +150,7 @@ def test_unknown_run_exits_4(home: Path, args: list[str]) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(
-    "args", [["list"], ["status", UNKNOWN_ID], ["submit", "--", "true"], ["cancel", UNKNOWN_ID]]
-)
+@pytest.mark.parametrize("args", [["list"], ["status", UNKNOWN_ID], ["submit", "--", "true"], ["cancel", UNKNOWN_ID]])
 def test_unreachable_ledger_exits_3(home: Path, args: list[str]) -> None:
     result = cli(home, *args, HPC_COMPUTE_LEDGER_URL=UNREACHABLE, timeout=30)
     assert result.returncode == 3, (result.stdout, result.stderr)

@@ -312,7 +312,7 @@ def test_core_outcomes(
 
     exit3 = h.run(runs["exit3"])
     assert (exit3.state, exit3.failure_kind, exit3.exit_code) == (RunState.FAILED, FailureKind.EXIT_CODE, 3)
-    assert h.backend.outcomes[runs["exit3"]].backend_record["exit_code"] == "3:0"
+    assert h.backend.outcomes[runs["exit3"]].backend_record.get("exit_code") == "3:0", h.backend.outcomes[runs["exit3"]]
 
     sig = h.run(runs["signal"])
     assert (sig.state, sig.failure_kind, sig.signal) == (RunState.FAILED, FailureKind.SIGNAL, 9), sig
@@ -398,7 +398,7 @@ def test_job_purged_from_slurmctld_is_found_in_sacct(harness: Callable[..., Harn
     the transport shim returns an empty squeue: exactly what squeue prints for a purged job."""
     if not _accounting_on(cluster):
         pytest.skip("accounting is off on this cluster")
-    h = harness(accounting="on")
+    h = harness(accounting="on", reconcile_grace_s=30.0)
     run_id = h.submit(["sh", "-c", "exit 3"])
     h.engine.cycle()  # submitted
     h.shim.hide_from_squeue = True

@@ -313,9 +313,10 @@ def test_digest_stable_and_order_independent() -> None:
     # stable across processes and versions of dict ordering: a pinned value for a pinned spec
     assert one.digest() == parse_spec(json.loads(one.canonical_json())).digest()
     # units are normalised before hashing
-    assert parse_spec(spec_with(resources={"memory": "1G"})).digest() == parse_spec(
-        spec_with(resources={"memory": 1024**3})
-    ).digest()
+    assert (
+        parse_spec(spec_with(resources={"memory": "1G"})).digest()
+        == parse_spec(spec_with(resources={"memory": 1024**3})).digest()
+    )
 
 
 @pytest.mark.parametrize(

@@ -381,6 +381,8 @@ class SlurmBackend(Backend):
         for ticket, record in finished:
             job_id = record.job_id
             detail = details.get(job_id)
+            if detail is None:
+                log.info("scontrol has no record of finished job %s (squeue: %s)", job_id, record.state)
             self._records[job_id] = detail if detail is not None and detail.name == ticket.tag else record
         foreign = [t for t, r in finished if r.base_state == "CANCELLED" and not t.cancel_requested]
         if foreign and self.accounting():
@@ -415,17 +417,22 @@ class SlurmBackend(Backend):
                     self._records[job_id] = record
                 out[ticket.attempt_id] = observation
                 continue
+            within_grace = now - (ticket.submitted_at or now) < self.reconcile_grace_s
+            if accounting and within_grace:
+                # sacct lags behind slurmctld: give it the grace period before believing the file alone
+                out[ticket.attempt_id] = Observation(
+                    ObservationKind.UNKNOWN, reason=f"job {job_id}: not in squeue or sacct yet"
+                )
+                continue
             try:
                 has_result = self._result_exists(ticket)
             except BackendUnavailable as exc:
                 out[ticket.attempt_id] = Observation(ObservationKind.UNKNOWN, reason=str(exc)[:200])
                 continue
             if has_result:
-                # aged out of slurmctld (and no accounting to ask): the wrapper's result stands
+                # purged from slurmctld, and sacct has nothing (or is off): the wrapper's result stands
                 out[ticket.attempt_id] = Observation(ObservationKind.FINISHED, backend_state="left the queue")
-                continue
-            within_grace = now - (ticket.submitted_at or now) < self.reconcile_grace_s
-            if accounting and not within_grace:
+            elif accounting:
                 self._absent.add(job_id)
                 out[ticket.attempt_id] = Observation(ObservationKind.FINISHED, backend_state="lost")
             else:
@@ -526,9 +533,9 @@ class SlurmBackend(Backend):
         if not job_id:
             return None
         record = self._records.pop(job_id, None)
-        if record is not None:
+        if record is not None and (record.exit_code is not None or record.base_state == "CANCELLED"):
             return record
-        # a fresh process (or scontrol failed during the poll): ask again
+        # a fresh process, or the poll saw only squeue's record (no exit code): ask again
         try:
             detail = self._scontrol().get(job_id)
         except BackendUnavailable:
@@ -539,11 +546,11 @@ class SlurmBackend(Backend):
             try:
                 found = self._sacct_ids([job_id], self._since([ticket.submitted_at], self.conf.sacct_slack_s))
             except BackendUnavailable:
-                return None
+                found = {}
             rec = found.get(job_id)
             if rec is not None and rec.name == ticket.tag and rec.terminal:
                 return rec
-        return None
+        return record
 
     def _who(self, record: SlurmRecord) -> str | None:
         uid = record.cancelled_by

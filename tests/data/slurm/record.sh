@@ -1,7 +1,8 @@
 #!/bin/bash
-# Records real squeue/sacct/scontrol output of this cluster for the parser tests.
+# Records real squeue/sacct/scontrol output of the dev cluster for tests/unit/test_slurm_parse.py.
+# Run as the cluster user on the dev cluster: bash tests/data/slurm/record.sh  (about 90 s)
 set -u
-OUT=/work/main/tests/data/slurm
+OUT=${OUT:-$(cd "$(dirname "$0")" && pwd)}
 SEP=$'\x1f'
 SQ_FMT="%i${SEP}%T${SEP}%r${SEP}%S${SEP}%e${SEP}%M${SEP}%j"
 SA_FMT=JobIDRaw,State,ExitCode,Start,End,Elapsed,Submit,JobName
