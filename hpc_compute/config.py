@@ -103,12 +103,17 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    """``HPC_COMPUTE_<FIELD>`` and ``HPC_COMPUTE_<SECTION>__<KEY>``. Only names of real settings
+    are taken, so an unrelated variable that shares the prefix cannot break start-up; a wrong key
+    inside a known section is still an error."""
     out: dict[str, Any] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in {f"{ENV_PREFIX}CONFIG"}:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         parts = key.split("__")
+        if parts[0] not in Settings.model_fields:
+            continue
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})

@@ -247,17 +247,22 @@ class Engine:
             log.info("adopted attempt %s of run %s (%s)", claimed.attempt_id, claimed.run_id, claimed.state)
 
     def _claim_and_submit(self) -> int:
-        capacity = self.settings.local.max_parallel - len(self.tracked)
-        limit = min(capacity, self.settings.scheduler.submit_batch)
-        if limit <= 0:
-            return 0
-        claimed = self.ledger.claim_queued(
-            self.scheduler_id,
-            backends=self.backends,
-            limit=limit,
-            work_root=str(self.settings.work_root),
-            lease_s=self.settings.scheduler.lease_seconds,
-        )
+        """Claim queued runs for each backend up to its in-flight cap, then submit them."""
+        in_flight: dict[str, int] = {}
+        for tracked in self.tracked.values():
+            in_flight[tracked.claimed.backend] = in_flight.get(tracked.claimed.backend, 0) + 1
+        claimed: list[ClaimedAttempt] = []
+        for name, backend in self.backends.items():
+            limit = min(backend.max_in_flight - in_flight.get(name, 0), self.settings.scheduler.submit_batch)
+            if limit <= 0:
+                continue
+            claimed += self.ledger.claim_queued(
+                self.scheduler_id,
+                backends=[name],
+                limit=limit,
+                work_root=str(self.settings.work_root),
+                lease_s=self.settings.scheduler.lease_seconds,
+            )
         if claimed:
             crash_point("after_claim")
         for item in claimed:

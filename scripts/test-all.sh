@@ -26,8 +26,8 @@ mypy --strict hpc_compute
 ansible-lint ansible/
 
 step "tests"
-export HPC_COMPUTE_TEST_PG_URL="${HPC_COMPUTE_TEST_PG_URL:-postgresql+psycopg://hpcc:hpcc@127.0.0.1:5432/hpcc_test}"
-export HPC_COMPUTE_REQUIRE_SERVICES=1   # a test that needs Postgres, Slurm or sshd fails instead of skipping
+export HPCC_TEST_PG_URL="${HPCC_TEST_PG_URL:-postgresql+psycopg://hpcc:hpcc@127.0.0.1:5432/hpcc_test}"
+export HPCC_TEST_REQUIRE_SERVICES=1   # a test that needs Postgres, Slurm or sshd fails instead of skipping
 set +e
 timeout --signal=TERM 75m python3 -m pytest -ra --durations=15 "$@"
 rc=$?

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 ``ledger_url`` gives every test a fresh, empty ledger database, once on SQLite (a file in
-``tmp_path``) and once on the real Postgres (``HPC_COMPUTE_TEST_PG_URL``, default below):
+``tmp_path``) and once on the real Postgres (``HPCC_TEST_PG_URL``, default below):
 
 * if the Postgres role may create databases, each test gets its own ``hpcc_t_<hex>`` database;
 * else, if it may create schemas in its database, each test gets its own ``hpcc_t_<hex>`` schema
@@ -28,16 +28,22 @@ from hpc_compute.config import Settings, load_settings
 from hpc_compute.ledger import db
 
 PG_DEFAULT_URL = "postgresql+psycopg://hpcc:hpcc@127.0.0.1:5432/hpcc_test"
-PG_URL_ENV = "HPC_COMPUTE_TEST_PG_URL"
+PG_URL_ENV = "HPCC_TEST_PG_URL"
 
 
 def pg_base_url() -> URL:
     return make_url(db.normalise_url(os.environ.get(PG_URL_ENV) or PG_DEFAULT_URL))
 
 
+def services_required() -> bool:
+    """In CI (or with HPCC_TEST_REQUIRE_SERVICES=1, set by scripts/test-all.sh) a test whose
+    service (Postgres, Slurm, sshd) is missing fails; elsewhere it may skip with the reason."""
+    return bool(os.environ.get("CI") or os.environ.get("HPCC_TEST_REQUIRE_SERVICES"))
+
+
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: the Postgres ledger tests must run, not skip)", pytrace=False)
+    if services_required():
+        pytest.fail(f"{reason} (services are required here: tests must run, not skip)", pytrace=False)
     pytest.skip(reason)
 
 
@@ -130,7 +136,7 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def hpcc_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """HPC_COMPUTE_HOME in tmp, with no other hpc-compute variable and no user config leaking in."""
     for name in list(os.environ):
-        if name.startswith("HPC_COMPUTE_") and not name.startswith("HPC_COMPUTE_TEST_"):
+        if name.startswith("HPC_COMPUTE_"):
             monkeypatch.delenv(name)
     home = tmp_path / "hpcc-home"
     home.mkdir()

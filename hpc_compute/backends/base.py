@@ -101,6 +101,8 @@ class SubmitError(Exception):
 
 class Backend(abc.ABC):
     name: str = "abstract"
+    #: attempts this scheduler keeps in flight on this backend at most (the engine claims no more)
+    max_in_flight: int = 100
     #: seconds a submitting attempt must be absent from every query before it counts as not submitted
     reconcile_grace_s: float = 30.0
 

@@ -72,6 +72,7 @@ class LocalBackend(Backend):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.reconcile_grace_s = settings.local.reconcile_grace_s
+        self.max_in_flight = settings.local.max_parallel
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def check(self, spec: JobSpec) -> None:

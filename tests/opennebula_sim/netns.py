@@ -260,7 +260,9 @@ exec sleep 100000
 class Guest:
     """One running VM: network, mount namespace holder, OneGate endpoint, context script, sshd."""
 
-    def __init__(self, index: int, vm_id: int, context: dict[str, str], on_update: Callable[[templates.Template], None]):
+    def __init__(
+        self, index: int, vm_id: int, context: dict[str, str], on_update: Callable[[templates.Template], None]
+    ) -> None:
         self.index = index
         self.vm_id = vm_id
         self.ns, self.host_if, self.guest_if, self.host_ip, self.guest_ip = names(index)

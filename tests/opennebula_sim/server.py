@@ -208,7 +208,8 @@ class Simulator:
     ) -> None:
         self.delays = delays or Delays()
         self.namespaces = namespaces
-        self.users = {u.name: u for u in (users or [User("oneadmin", "opennebula", 0, 0), User("hpcc", "hpcc-pw", 5, 1)])}
+        default_users = [User("oneadmin", "opennebula", 0, 0), User("hpcc", "hpcc-pw", 5, 1)]
+        self.users = {u.name: u for u in (users or default_users)}
         self.admins = admins
         self.version = version
         self.json_query_supported = json_query_supported
@@ -360,8 +361,7 @@ class Simulator:
             return True
         if method == "sim.vms":
             return [
-                {"id": vm.id, "name": vm.name, "state": vm.state, "lcm_state": vm.lcm, "ip": vm.ip}
-                for vm in self.vms()
+                {"id": vm.id, "name": vm.name, "state": vm.state, "lcm_state": vm.lcm, "ip": vm.ip} for vm in self.vms()
             ]
         if method == "sim.delays":
             self.delays = Delays(**params[0])
@@ -418,8 +418,8 @@ class Simulator:
                 ok = False
             if not ok:
                 raise _RpcFailure(
-                    ALLOCATE, f"[{method}] Error allocating a new virtual machine. {attr} attribute must be a positive"
-                    " number"
+                    ALLOCATE,
+                    f"[{method}] Error allocating a new virtual machine. {attr} attribute must be a positive number",
                 )
         with self.lock:
             if user.vm_quota is not None:
@@ -435,7 +435,7 @@ class Simulator:
         merged.pop("NAME", None)
         tmpl, user_tmpl = templates.split(merged)
         index = self._allocate_index()
-        ns, _h, _g, host_ip, guest_ip = netns.names(index)
+        _ns, _h, _g, host_ip, guest_ip = netns.names(index)
         nics = tmpl.get("NIC")
         nic_list = nics if isinstance(nics, list) else [nics] if isinstance(nics, dict) else []
         for n, nic in enumerate(nic_list):
@@ -444,7 +444,7 @@ class Simulator:
             nic.setdefault("NETWORK_ID", "0")
             if n == 0:
                 nic["IP"] = guest_ip
-                nic["MAC"] = "02:00:%02x:%02x:%02x:%02x" % tuple(int(x) for x in guest_ip.split("."))
+                nic["MAC"] = "02:00:" + ":".join(f"{int(x):02x}" for x in guest_ip.split("."))
         context = tmpl.get("CONTEXT")
         if isinstance(context, dict):
             if context.get("NETWORK", "").upper() == "YES" and nic_list:
@@ -699,7 +699,9 @@ class Simulator:
     def m_version(self, user: User, method: str) -> str:
         return self.version
 
-    def m_template_info(self, user: User, method: str, tmpl_id: Any, extended: Any = False, decrypt: Any = False) -> str:
+    def m_template_info(
+        self, user: User, method: str, tmpl_id: Any, extended: Any = False, decrypt: Any = False
+    ) -> str:
         if type(tmpl_id) is not int:
             raise _RpcFailure(RPC_API, f"[{method}] Wrong parameter type")
         tmpl = self.templates.get(tmpl_id)
@@ -771,9 +773,8 @@ class Simulator:
                     if self.namespaces:
                         netns.release_index(vm.index)
                     return vm.id
-                terminable = (
-                    vm.state in (SUSPENDED, POWEROFF, STOPPED, UNDEPLOYED)
-                    or (vm.state == ACTIVE and (vm.lcm in (RUNNING, UNKNOWN) or vm.lcm in FAILURE_LCM))
+                terminable = vm.state in (SUSPENDED, POWEROFF, STOPPED, UNDEPLOYED) or (
+                    vm.state == ACTIVE and (vm.lcm in (RUNNING, UNKNOWN) or vm.lcm in FAILURE_LCM)
                 )
                 if not terminable or vm.terminate_requested:
                     if vm.terminate_requested:
@@ -938,8 +939,9 @@ def vm_xml(vm: VM, *, extended: bool) -> str:
             f"<PREV_STATE>{vm.prev_state}</PREV_STATE><PREV_LCM_STATE>{vm.prev_lcm}</PREV_LCM_STATE>"
             f"<RESCHED>0</RESCHED><STIME>{vm.stime}</STIME><ETIME>{vm.etime}</ETIME><DEPLOY_ID>{deploy}</DEPLOY_ID>"
             "<MONITORING/>"
-            f"{templates.render_body('TEMPLATE', vm.template)}{templates.render_body('USER_TEMPLATE', vm.user_template)}"
-            "<HISTORY_RECORDS/><BACKUPS><BACKUP_CONFIG/><BACKUP_IDS/></BACKUPS></VM>"
+            + templates.render_body("TEMPLATE", vm.template)
+            + templates.render_body("USER_TEMPLATE", vm.user_template)
+            + "<HISTORY_RECORDS/><BACKUPS><BACKUP_CONFIG/><BACKUP_IDS/></BACKUPS></VM>"
         )
     else:
         short_t = {k: (_short_nic(v) if k == "NIC" else v) for k, v in vm.template.items() if k in _SHORT_TEMPLATE_KEYS}

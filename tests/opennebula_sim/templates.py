@@ -84,7 +84,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             continue
         match = _TOKEN.match(text, pos)
         if match is None or match.end() == pos:
-            raise TemplateSyntaxError(f"syntax error in template near {text[pos:pos + 20]!r}")
+            raise TemplateSyntaxError(f"syntax error in template near {text[pos : pos + 20]!r}")
         pos = match.end()
         kind = match.lastgroup or ""
         if kind == "comment":

@@ -76,7 +76,7 @@ def parse_host_key(line: str) -> paramiko.PKey:
     return key
 
 
-class _Capture(paramiko.MissingHostKeyPolicy):
+class _Capture(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
     """TOFU: accept the first key and record it (the caller stores it); used only when configured."""
 
     def __init__(self) -> None:

@@ -45,4 +45,6 @@ sacct -X -P -n --delimiter="$SEP" --format=$SA_FMT -j $IDS -S now-1hour > $W/sac
 for f in squeue_running squeue_mid squeue_done sacct_done; do grep 'hpcc-00000000-0000-4000-8000' $W/$f.txt > $OUT/$f.txt; done
 for f in scontrol_running scontrol_mid scontrol_done; do grep 'JobName=hpcc-00000000-0000-4000-8000' $W/$f.txt > $OUT/$f.txt; done
 sacct -n -X -j 1 > $OUT/sacct_probe_on.txt 2>&1
+# the deadline job stays PENDING while held (Slurm does not enforce --deadline on held jobs)
+scancel $J_DL
 echo done $(( $(date +%s) - T0 ))s
