@@ -21,7 +21,15 @@ from pathlib import Path
 from hpc_compute.config import Settings
 from hpc_compute.errors import HpcComputeError
 from hpc_compute.resources import wrapper_path
-from hpc_compute.rundir import OUTPUT_DIR, RESULT_FILE, SCRATCH_DIR, SPEC_FILE, AttemptSpec, create_attempt_dir
+from hpc_compute.rundir import (
+    OUTPUT_DIR,
+    RESULT_FILE,
+    SCRATCH_DIR,
+    SPEC_FILE,
+    STDOUT_FILE,
+    AttemptSpec,
+    create_attempt_dir,
+)
 from hpc_compute.runtimes import SandboxPlan, build_launch
 
 PROBE = r"""
@@ -38,7 +46,7 @@ report.append("canary-leaked" if "HPCC_DOCTOR_CANARY" in os.environ else "env-cl
 try:
     open("/input/probe/x", "w").write("x"); report.append("input-writable")
 except OSError: report.append("input-readonly")
-open("/output/report.txt", "w").write(" ".join(report))
+print(" ".join(report))
 """
 
 
@@ -117,8 +125,8 @@ def sealing_probe(settings: Settings) -> Check:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return Check("sealing", "fail", f"probe job did not run: {exc}")
         listener.close()
-        report_file = attempt / OUTPUT_DIR / "report.txt"
-        if not report_file.exists():
+        report_file = attempt / STDOUT_FILE
+        if not report_file.exists() or not report_file.read_text().strip():
             result = (attempt / RESULT_FILE).read_text() if (attempt / RESULT_FILE).exists() else "{}"
             setup = json.loads(result).get("setup_error")
             return Check("sealing", "fail", f"probe job did not report: {setup or 'no result'}")

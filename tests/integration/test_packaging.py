@@ -45,7 +45,11 @@ def test_installed_wheel_runs_a_sealed_job_outside_the_repo(wheel: Path, tmp_pat
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     pip = venv / "bin" / "pip"
     subprocess.run([str(pip), "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=True)
-    env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), "HPC_COMPUTE_HOME": str(tmp_path / "h")}
+    env = {
+        "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "HPC_COMPUTE_HOME": str(tmp_path / "h"),
+    }
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import hpc_compute.resources as r; print(r.wrapper_path())"],
         capture_output=True,
