@@ -148,6 +148,7 @@ class OpenNebulaBackend(Backend):
         self.home = home
         self.reconcile_grace_s = settings.reconcile_grace_s
         self.max_parallel = settings.max_parallel
+        self.max_in_flight = settings.max_parallel
         self._client = client
         self._lock = threading.RLock()
         self._attempts: dict[str, _Attempt] = {}
@@ -208,6 +209,9 @@ class OpenNebulaBackend(Backend):
             if self._terminations:
                 time.sleep(0.2)
         self._janitor = None
+        with self._lock:
+            # drivers are stopped: a later poll re-adopts these attempts from their tickets
+            self._attempts.clear()
         self._stop = threading.Event()
 
     def check(self, spec: JobSpec) -> None:
@@ -735,7 +739,7 @@ class OpenNebulaBackend(Backend):
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
-        if now - self._last_sweep < self.cfg.sweep_interval_s:
+        if not self.cfg.sweep_enabled or now - self._last_sweep < self.cfg.sweep_interval_s:
             return
         started = self._started_at or now
         if not self._engine_seen and now - started < self.cfg.sweep_grace_s:
