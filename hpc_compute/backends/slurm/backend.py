@@ -146,6 +146,7 @@ class SlurmBackend(Backend):
             self.conf = SlurmSettings.from_mapping(slurm if slurm is not None else settings.slurm)
         self.transport = transport if transport is not None else make_transport(self.conf)
         self.reconcile_grace_s = self.conf.reconcile_grace_s
+        self.max_in_flight = self.conf.max_in_flight
         self._accounting: bool | None = {"on": True, "off": False}.get(self.conf.accounting)
         #: the last terminal record seen per job id, for collect()
         self._records: dict[str, SlurmRecord] = {}
@@ -253,6 +254,7 @@ class SlurmBackend(Backend):
             raise SubmitError(f"cannot build the job: {exc}", definite=True, retryable=False) from exc
         except (OSError, BackendUnavailable) as exc:
             raise SubmitError(f"cannot stage {self.remote_dir(ticket)}: {exc}", definite=True) from exc
+        self._squeue_cache = None  # the next poll must see the new job
         try:
             result = self._run("sbatch", ["--parsable", script_path], timeout=self.conf.sbatch_timeout)
         except BackendUnavailable as exc:

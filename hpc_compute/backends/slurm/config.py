@@ -94,6 +94,7 @@ class SlurmSettings(BaseModel):
     allow_requeue: bool = False
     allowed_extra_options: tuple[str, ...] = ()
     extra_sbatch_options: dict[str, str] = Field(default_factory=dict)
+    max_in_flight: int = Field(default=1000, ge=1, description="jobs one scheduler keeps submitted at most")
     min_poll_interval: float = Field(default=1.0, ge=0)
     sacct_chunk: int = Field(default=200, ge=1, le=5000)
     reconcile_grace_s: float = Field(default=120.0, ge=0)
