@@ -29,11 +29,6 @@ from typing import Annotated, Any, NoReturn
 import click
 import typer
 
-try:  # typer >= 0.20 raises the exceptions of its vendored click, not of the click package
-    from typer._click.exceptions import ClickException as _VendoredClickException
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _VendoredClickException = click.ClickException
-
 from hpc_compute import __version__
 from hpc_compute.api import Client
 from hpc_compute.config import Settings, load_settings
@@ -52,6 +47,15 @@ from hpc_compute.errors import (
 from hpc_compute.ledger.states import RunState
 from hpc_compute.records import RunInfo
 from hpc_compute.spec import INPUT_NAME_RE, load_spec_mapping, parse_spec
+
+# Recent typer releases raise the exceptions of a vendored click, not of the click package.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
+try:
+    from typer._click import exceptions as _vendored_click
+
+    _USAGE_ERRORS += (_vendored_click.ClickException,)
+except ImportError:  # pragma: no cover - older typer uses click itself
+    pass
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -486,8 +490,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except (click.ClickException, _VendoredClickException) as exc:
-        exc.show()
+    except _USAGE_ERRORS as exc:
+        exc.show()  # type: ignore[attr-defined]
         sys.exit(EXIT_USAGE)
     except (click.exceptions.Abort, typer.Abort):
         sys.exit(EXIT_INTERRUPTED)

@@ -13,13 +13,14 @@ import os
 import pwd
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpc_compute.errors import ConfigError
 from hpc_compute.harvest import HarvestLimits
 from hpc_compute.ledger.db import sqlite_url
+from hpc_compute.units import parse_duration
 
 SYSTEM_CONFIG = Path("/etc/hpc-compute/config.toml")
 ENV_PREFIX = "HPC_COMPUTE_"
@@ -47,11 +48,88 @@ class HarvestSettings(_Section):
         return HarvestLimits(max_files=self.max_files, max_total_bytes=self.max_total_bytes, max_depth=self.max_depth)
 
 
+def _seconds(value: Any) -> Any:
+    """Durations in config: a number of seconds (fractions allowed) or ``90s``, ``10m``, ``2h``."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        try:
+            return float(stripped)
+        except ValueError:
+            return float(parse_duration(stripped))
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+
+
 class SchedulerSettings(_Section):
     poll_interval: float = Field(default=2.0, gt=0, description="seconds between polls when idle")
     min_poll_interval: float = Field(default=0.5, gt=0, description="admin floor")
     lease_seconds: float = Field(default=60.0, gt=0)
     submit_batch: int = Field(default=64, ge=1)
+    kind_limits: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="active attempts per run kind across every scheduler of the ledger ({training = 2})",
+    )
+    max_in_flight_per_owner: int | None = Field(
+        default=None, ge=0, description="active attempts per owner across every scheduler of the ledger"
+    )
+    time_limit_grace: Seconds = Field(
+        default=120.0,
+        ge=0,
+        description="an attempt running longer than its time limit plus this is cancelled and fails as timeout",
+    )
+    max_queue_time: Seconds | None = Field(
+        default=None,
+        gt=0,
+        description="an attempt pending in its backend longer than this is cancelled and fails as timeout",
+    )
+
+
+class WebhookSettings(_Section):
+    """One webhook target. The secret signs every delivery (``X-HPCC-Signature``)."""
+
+    url: str
+    secret: str | None = Field(default=None, repr=False)
+    secret_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookSettings:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret and secret_file")
+        if self.secret is not None and not self.secret:
+            raise ValueError("secret must not be empty")
+        return self
+
+    def read_secret(self) -> bytes:
+        if self.secret is not None:
+            return self.secret.encode()
+        assert self.secret_file is not None
+        try:
+            value = self.secret_file.expanduser().read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"notify webhook {self.url}: cannot read secret_file {self.secret_file}: {exc}") from exc
+        if not value:
+            raise ConfigError(f"notify webhook {self.url}: secret_file {self.secret_file} is empty")
+        return value
+
+
+class NotifySettings(_Section):
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    hooks: bool = Field(default=True, description="call the hpc_compute.hooks entry points too")
+    timeout: Seconds = Field(default=10.0, gt=0, description="seconds per webhook request")
+    max_attempts: int = Field(default=1000, ge=1, description="tries per notification before giving up")
+    batch: int = Field(default=100, ge=1, description="notifications delivered per scheduler cycle at most")
+    backoff: Seconds = Field(default=2.0, gt=0, description="first retry delay; doubles, with jitter")
+    max_backoff: Seconds = Field(default=3600.0, gt=0)
+    keep_delivered: Seconds = Field(default=7 * 86400.0, ge=0, description="delivered rows are deleted after this")
 
 
 class Settings(_Section):
@@ -61,6 +139,7 @@ class Settings(_Section):
     local: LocalSettings = Field(default_factory=LocalSettings)
     harvest: HarvestSettings = Field(default_factory=HarvestSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     slurm: dict[str, Any] = Field(default_factory=dict)
     opennebula: dict[str, Any] = Field(default_factory=dict)
 

@@ -31,11 +31,14 @@ from hpc_compute.config import Settings
 from hpc_compute.errors import BackendUnavailable, FencedOut, LedgerUnavailable, SchedulerLocked
 from hpc_compute.ledger.states import AttemptState, RunState
 from hpc_compute.ledger.store import AttemptResult, ClaimedAttempt, Ledger, Observed
+from hpc_compute.notify import Notifier
+from hpc_compute.spec import FailureKind
 
 log = logging.getLogger("hpc_compute.engine")
 _T = TypeVar("_T")
 
 CRASH_ENV = "HPCC_TEST_CRASH_AT"
+TIMEOUT_CANCEL_RESEND_S = 30.0  # a time-limit cancel the backend has not acted on is sent again after this
 CRASH_POINTS = ("after_claim", "after_submit", "before_mark_submitted", "after_collect", "before_finish")
 
 
@@ -80,6 +83,13 @@ class _Tracked:
     last_state: AttemptState = AttemptState.SUBMITTING
     reason: str | None = None
     first_seen: float = field(default_factory=time.time)
+    pending_since: float | None = None  # the backend accepted it (wall clock)
+    running_since: float | None = None
+    timeout_reason: str | None = None  # set when the scheduler's time backstop fired
+    timeout_at: float | None = None
+    timeout_retryable: bool = True
+    timeout_cancel_sent: bool = False
+    timeout_cancel_at: float | None = None
 
 
 class SchedulerLock:
@@ -136,6 +146,7 @@ class Engine:
         self.backends = backends if backends is not None else default_backends(settings)
         self.scheduler_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tracked: dict[str, _Tracked] = {}
+        self.notifier = Notifier(settings, ledger)
         self._lock: SchedulerLock | None = None
         self._last_heartbeat = 0.0
         self._stop = threading.Event()
@@ -205,7 +216,18 @@ class Engine:
         changed += self._reconcile()
         changed += self._apply_cancellations()
         changed += self._poll()
+        changed += self._enforce_time_limits()
+        self._notify()
         return changed
+
+    def _notify(self) -> None:
+        """Deliver a batch of the outbox. Never fails the cycle: undelivered rows stay due."""
+        try:
+            self.notifier.run_once()
+        except LedgerUnavailable as exc:
+            log.warning("notifications not delivered this cycle (ledger unavailable): %s", exc)
+        except Exception:
+            log.exception("notification delivery failed; retrying next cycle")
 
     def _safe_cycle(self) -> int:
         """A cycle that never kills the daemon: a ledger outage or a bug in one step is logged and
@@ -243,6 +265,8 @@ class Engine:
                 submitted_at=(claimed.submitted_at or claimed.created_at).timestamp(),
                 needs_reconcile=claimed.backend_job_id is None,
                 last_state=claimed.state,
+                pending_since=claimed.submitted_at.timestamp() if claimed.submitted_at else None,
+                running_since=claimed.started_at.timestamp() if claimed.started_at else None,
             )
             log.info("adopted attempt %s of run %s (%s)", claimed.attempt_id, claimed.run_id, claimed.state)
 
@@ -252,8 +276,9 @@ class Engine:
         for tracked in self.tracked.values():
             in_flight[tracked.claimed.backend] = in_flight.get(tracked.claimed.backend, 0) + 1
         claimed: list[ClaimedAttempt] = []
+        scheduler = self.settings.scheduler
         for name, backend in self.backends.items():
-            limit = min(backend.max_in_flight - in_flight.get(name, 0), self.settings.scheduler.submit_batch)
+            limit = min(backend.max_in_flight - in_flight.get(name, 0), scheduler.submit_batch)
             if limit <= 0:
                 continue
             claimed += self.ledger.claim_queued(
@@ -261,7 +286,9 @@ class Engine:
                 backends=[name],
                 limit=limit,
                 work_root=str(self.settings.work_root),
-                lease_s=self.settings.scheduler.lease_seconds,
+                lease_s=scheduler.lease_seconds,
+                kind_limits=scheduler.kind_limits,
+                max_per_owner=scheduler.max_in_flight_per_owner,
             )
         if claimed:
             crash_point("after_claim")
@@ -299,6 +326,7 @@ class Engine:
         crash_point("before_mark_submitted")
         self._guarded(lambda: self.ledger.mark_submitted(claimed.attempt_id, claimed.fence, job_id))
         tracked.last_state = AttemptState.PENDING
+        tracked.pending_since = time.time()
 
     def _reconcile(self) -> int:
         by_backend: dict[str, list[_Tracked]] = {}
@@ -329,6 +357,7 @@ class Engine:
                         )
                     )
                     tracked.last_state = AttemptState.PENDING
+                    tracked.pending_since = tracked.pending_since or time.time()
                 else:
                     log.info("attempt %s proved absent: requeueing the run", claimed.attempt_id)
                     self._forget(claimed.attempt_id)
@@ -382,6 +411,8 @@ class Engine:
                     changed += self._finish(backend, tracked)
                     continue
                 state = AttemptState.RUNNING if obs.kind == ObservationKind.RUNNING else AttemptState.PENDING
+                if state == AttemptState.RUNNING and tracked.running_since is None:
+                    tracked.running_since = time.time()
                 if state != tracked.last_state or obs.reason != tracked.reason:
                     observed.append(Observed(tracked.claimed.attempt_id, tracked.claimed.fence, state, obs.reason))
                     tracked.last_state, tracked.reason = state, obs.reason
@@ -407,7 +438,9 @@ class Engine:
             log.exception("collect of %s crashed (try %d); will retry", claimed.attempt_id, tracked.errors)
             return 0
         crash_point("after_collect")
-        result = self._result(outcome)
+        if tracked.timeout_reason is not None:
+            outcome = self._timed_out(tracked, outcome)
+        result = self._result(outcome, retryable=tracked.timeout_retryable)
         crash_point("before_finish")
         state = self._guarded(
             lambda: self.ledger.finish_attempt(claimed.attempt_id, claimed.fence, result, outcome.harvest)
@@ -421,7 +454,79 @@ class Engine:
         return 1
 
     @staticmethod
-    def _result(outcome: Outcome) -> AttemptResult:
+    def _timed_out(tracked: _Tracked, outcome: Outcome) -> Outcome:
+        """The outcome of an attempt the time backstop cancelled: ``timeout``, unless the backend
+        shows it ended on its own before the backstop acted (or itself reports a timeout)."""
+        if outcome.failure_kind == FailureKind.TIMEOUT and tracked.timeout_retryable:
+            return outcome
+        ended_first = (
+            outcome.ended_at is not None and tracked.timeout_at is not None and outcome.ended_at < tracked.timeout_at
+        )
+        if ended_first and not outcome.cancelled:
+            return outcome
+        return replace(
+            outcome,
+            failure_kind=FailureKind.TIMEOUT,
+            cancelled=False,
+            message=tracked.timeout_reason,
+            backend_record={**outcome.backend_record, "scheduler_timeout": tracked.timeout_reason or ""},
+        )
+
+    def _enforce_time_limits(self) -> int:
+        """The scheduler-side backstop for time. An attempt running longer than its time limit
+        plus ``time_limit_grace`` (the backend's own limit should have fired by then), or pending
+        in its backend longer than ``max_queue_time``, is cancelled through the backend; when the
+        backend reports it ended, it finishes as ``timeout``. It is never finished while the
+        backend has not confirmed it ended (a failed query is no answer)."""
+        scheduler = self.settings.scheduler
+        now = time.time()
+        changed = 0
+        for tracked in list(self.tracked.values()):
+            if tracked.backend_job_id is None or tracked.needs_reconcile or tracked.claimed.cancel_requested:
+                continue
+            if tracked.timeout_reason is None:
+                limit = tracked.claimed.spec.resources.time_limit
+                if tracked.last_state == AttemptState.RUNNING and tracked.running_since is not None:
+                    if now - tracked.running_since > limit + scheduler.time_limit_grace:
+                        tracked.timeout_reason = (
+                            f"ran longer than its time limit ({limit}s) plus {scheduler.time_limit_grace:g}s grace; "
+                            "cancelled by the scheduler"
+                        )
+                elif (
+                    tracked.last_state == AttemptState.PENDING
+                    and scheduler.max_queue_time is not None
+                    and tracked.pending_since is not None
+                    and now - tracked.pending_since > scheduler.max_queue_time
+                ):
+                    tracked.timeout_reason = (
+                        f"queued longer than {scheduler.max_queue_time:g}s (max_queue_time); cancelled by the scheduler"
+                    )
+                    tracked.timeout_retryable = False
+                if tracked.timeout_reason is None:
+                    continue
+                tracked.timeout_at = now
+                log.warning("attempt %s: %s", tracked.claimed.attempt_id, tracked.timeout_reason)
+                self.ledger.record_event(
+                    tracked.claimed.run_id,
+                    "time_limit",
+                    tracked.timeout_reason,
+                    {"attempt_id": tracked.claimed.attempt_id, "state": tracked.last_state.value},
+                )
+            resend_after = max(TIMEOUT_CANCEL_RESEND_S, scheduler.time_limit_grace)
+            if tracked.timeout_cancel_sent and now - (tracked.timeout_cancel_at or now) < resend_after:
+                continue  # sent; the backend confirms by reporting the attempt ended (else: send again)
+            try:
+                self.backends[tracked.claimed.backend].cancel(self._ticket(tracked))
+            except BackendUnavailable as exc:
+                log.warning("time-limit cancel of %s failed, will retry: %s", tracked.claimed.attempt_id, exc)
+                continue
+            tracked.timeout_cancel_sent = True
+            tracked.timeout_cancel_at = now
+            changed += 1
+        return changed
+
+    @staticmethod
+    def _result(outcome: Outcome, *, retryable: bool = True) -> AttemptResult:
         record = {
             "exit_code": outcome.exit_code,
             "signal": outcome.signal,
@@ -442,6 +547,7 @@ class Engine:
             started_at=_ts(outcome.started_at),
             ended_at=_ts(outcome.ended_at),
             outcome=record,
+            retryable=retryable,
         )
 
     def _forget(self, attempt_id: str) -> None:

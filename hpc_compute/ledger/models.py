@@ -123,3 +123,28 @@ class Scheduler(SQLModel, table=True):
     started_at: datetime
     heartbeat_at: datetime
     stopped_at: datetime | None = None
+
+
+class Outbox(SQLModel, table=True):
+    """Transactional outbox: one row per run state change, written in the transaction that made
+    the change (:func:`hpc_compute.ledger.store.transition`); :mod:`hpc_compute.notify` delivers it.
+
+    ``delivered_targets`` lists the target indexes already served (a retry only repeats the others);
+    ``delivered_at`` is set once every target took it. A row whose ``attempts`` reached the
+    configured maximum stays with ``delivered_at`` NULL and its ``last_error``: given up, not dropped.
+    """
+
+    __tablename__ = "hpcc_outbox"
+    __table_args__ = (Index("ix_hpcc_outbox_delivered_at_next_attempt_at", "delivered_at", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="hpcc_run.id", index=True, max_length=36)
+    event_id: int | None = Field(default=None, foreign_key="hpcc_event.id")
+    kind: str = Field(max_length=32)
+    payload_json: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime
+    attempts: int = 0
+    next_attempt_at: datetime
+    delivered_at: datetime | None = None
+    delivered_targets: str | None = Field(default=None, max_length=256)
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

@@ -12,25 +12,29 @@ import json
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, inspect, update
+from sqlalchemy import delete, func, inspect, text, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session, col, select
 
 from hpc_compute.errors import FencedOut, IdempotencyConflict, LedgerUnavailable, RunNotFound, SchedulerLocked
 from hpc_compute.harvest import HarvestReport
 from hpc_compute.ledger import db
-from hpc_compute.ledger.models import Artifact, Attempt, Event, Run, Scheduler
+from hpc_compute.ledger.models import Artifact, Attempt, Event, Outbox, Run, Scheduler
 from hpc_compute.ledger.states import ACTIVE_ATTEMPT_STATES, AttemptState, RunState, check_transition
 from hpc_compute.records import ArtifactInfo, AttemptInfo, EventInfo, RunInfo
 from hpc_compute.spec import INFRA_FAILURES, FailureKind, JobSpec
 
 MAX_REFUSALS_IN_EVENT = 200
+OUTBOX_RUN_STATE = "run.state"
+CLAIM_LOCK_KEY = 0x68706363_636C6D  # pg_advisory_xact_lock key serialising capped claims ("hpcc" "clm")
+CLAIM_ROUNDS = 3
 
 
 def utcnow() -> datetime:
@@ -57,6 +61,7 @@ class ClaimedAttempt:
     submitted_at: datetime | None
     created_at: datetime
     cancel_requested: bool
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,50 @@ class Observed:
     reason: str | None
 
 
+@dataclass(frozen=True)
+class OutboxItem:
+    """A notification a notifier took for delivery."""
+
+    id: int
+    run_id: str
+    kind: str
+    payload: dict[str, Any]
+    attempts: int  # tries before this one
+    delivered_targets: frozenset[int]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """How one try of one notification went, over all targets."""
+
+    outbox_id: int
+    delivered_targets: frozenset[int]
+    delivered: bool  # every target has it
+    error: str | None = None
+    retry_in_s: float = 0.0
+    gave_up: bool = False
+
+
+@dataclass(frozen=True)
+class OutboxInfo:
+    id: int
+    run_id: str
+    event_id: int | None
+    kind: str
+    payload: dict[str, Any]
+    created_at: datetime
+    attempts: int
+    next_attempt_at: datetime
+    delivered_at: datetime | None
+    delivered_targets: frozenset[int]
+    last_error: str | None
+
+
+def _parse_targets(text: str | None) -> list[int]:
+    return [int(part) for part in (text or "").split(",") if part.strip().isdigit()]
+
+
 def transition(
     session: Session,
     run: Run,
@@ -92,23 +141,24 @@ def transition(
     message: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> None:
-    """The one place a run changes state: checks the state machine and appends the event."""
+    """The one place a run changes state: checks the state machine, appends the event and, in
+    the same transaction, the outbox row that notifies about it (so no state change can commit
+    without its notification, and no notification exists for a change that rolled back)."""
     current = RunState(run.state)
     check_transition(current, target)
     if current == target:
         return
-    session.add(
-        Event(
-            run_id=run.id,
-            attempt_id=attempt_id,
-            at=at,
-            kind="state",
-            from_state=current.value,
-            to_state=target.value,
-            message=message,
-            data_json=json.dumps(data, sort_keys=True) if data else None,
-        )
+    event = Event(
+        run_id=run.id,
+        attempt_id=attempt_id,
+        at=at,
+        kind="state",
+        from_state=current.value,
+        to_state=target.value,
+        message=message,
+        data_json=json.dumps(data, sort_keys=True) if data else None,
     )
+    session.add(event)
     run.state = target.value
     run.updated_at = at
     if target == RunState.RUNNING and run.started_at is None:
@@ -116,6 +166,43 @@ def transition(
     if target.terminal:
         run.finished_at = at
         run.pending_reason = None
+    _outbox(session, run, event, previous=current.value, data=data)
+
+
+def _outbox(session: Session, run: Run, event: Event, *, previous: str | None, data: dict[str, Any] | None) -> None:
+    """Queue the notification of ``event`` (a state change of ``run``) in the current transaction.
+
+    The payload's failure fields come from the event data when it carries them (a retry: the run
+    itself is not failed, its attempt is), else from the run."""
+    if event.id is None:
+        session.flush()  # assigns event.id
+    facts = data or {}
+    payload = {
+        "run_id": run.id,
+        "owner": run.owner,
+        "state": event.to_state,
+        "previous_state": previous,
+        "failure_kind": facts.get("failure_kind", run.failure_kind),
+        "exit_code": facts.get("exit_code", run.exit_code),
+        "signal": facts.get("signal", run.signal),
+        "attempt_id": event.attempt_id,
+        "message": event.message,
+        "at": event.at.astimezone(UTC).isoformat(),
+        "event_id": event.id,
+    }
+    if "not_before" in facts:
+        payload["not_before"] = facts["not_before"]
+    session.add(
+        Outbox(
+            run_id=run.id,
+            event_id=event.id,
+            kind=OUTBOX_RUN_STATE,
+            payload_json=json.dumps(payload, sort_keys=True),
+            created_at=event.at,
+            attempts=0,
+            next_attempt_at=event.at,
+        )
+    )
 
 
 def _event(session: Session, run_id: str, kind: str, at: datetime, **fields: Any) -> None:
@@ -228,7 +315,11 @@ class Ledger:
             rows = [self._run_row(spec, owner, None, spec.digest(), now) for spec in specs]
             session.add_all(rows)
             session.flush()
-            session.add_all([self._accepted_event(row, now) for row in rows])
+            events = [self._accepted_event(row, now) for row in rows]
+            session.add_all(events)
+            session.flush()
+            for row, accepted in zip(rows, events, strict=True):
+                _outbox(session, row, accepted, previous=None, data=None)
             return [RunInfo.from_row(row) for row in rows]
 
     def _find_idempotent(self, owner: str, key: str, digest: str) -> RunInfo | None:
@@ -246,7 +337,9 @@ class Ledger:
         run = self._run_row(spec, owner, key, digest, now)
         session.add(run)
         session.flush()
-        session.add(self._accepted_event(run, now))
+        accepted = self._accepted_event(run, now)
+        session.add(accepted)
+        _outbox(session, run, accepted, previous=None, data=None)
         session.flush()
         return run
 
@@ -458,25 +551,73 @@ class Ledger:
         limit: int,
         work_root: str,
         lease_s: float,
+        kind_limits: Mapping[str, int] | None = None,
+        max_per_owner: int | None = None,
     ) -> list[ClaimedAttempt]:
-        """Claim up to ``limit`` queued runs and write their new attempts as ``submitting`` (write-ahead)."""
+        """Claim up to ``limit`` queued runs and write their new attempts as ``submitting`` (write-ahead).
+
+        Owners are served round-robin, each by its oldest queued runs, so one owner's thousand
+        runs do not starve another's two. ``kind_limits`` (``{"training": 2}``) and
+        ``max_per_owner`` cap the active attempts of a run kind / of one owner across *every*
+        scheduler of the ledger; with a cap, Postgres claims serialise on a transaction-scoped
+        advisory lock so two schedulers cannot both take the last slot (SQLite serialises writers
+        anyway)."""
         if limit <= 0:
             return []
         now = utcnow()
         out: list[ClaimedAttempt] = []
+        backend_names = list(backends)
+        caps = dict(kind_limits or {})
         with self._session(write=True) as session:
-            stmt = (
-                select(Run)
-                .where(
-                    Run.state == RunState.QUEUED.value,
-                    col(Run.cancel_requested).is_(False),
-                    col(Run.backend).in_(list(backends)),
-                    (col(Run.not_before).is_(None)) | (col(Run.not_before) <= now),
+            if (caps or max_per_owner is not None) and not self.is_sqlite:
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+            kind_active = self._active_counts(session, col(Run.kind), list(caps)) if caps else {}
+            owner_active = self._active_counts(session, col(Run.owner), None) if max_per_owner is not None else {}
+            runs: list[Run] = []
+            tried: set[str] = set()
+            for _round in range(CLAIM_ROUNDS):
+                want = limit - len(runs)
+                if want <= 0:
+                    break
+                full_kinds = [k for k, cap in caps.items() if kind_active.get(k, 0) >= cap]
+                full_owners = (
+                    [o for o, n in owner_active.items() if n >= max_per_owner] if max_per_owner is not None else []
                 )
-                .order_by(col(Run.created_at), col(Run.id))
-                .limit(limit)
-            )
-            runs = session.exec(self._lock_rows(stmt)).all()
+                fetch = max(want * 4, 32)
+                candidates = self._fair_candidates(
+                    session,
+                    backend_names,
+                    now,
+                    want,
+                    fetch,
+                    tried=tried,
+                    full_kinds=full_kinds,
+                    full_owners=full_owners,
+                )
+                if not candidates:
+                    break
+                tried.update(run_id for run_id, _, _ in candidates)
+                kinds, owners = dict(kind_active), dict(owner_active)
+                chosen: list[str] = []
+                for run_id, owner, kind in candidates:
+                    if len(chosen) >= want:
+                        break
+                    if kind is not None and kind in caps and kinds.get(kind, 0) >= caps[kind]:
+                        continue
+                    if max_per_owner is not None and owners.get(owner, 0) >= max_per_owner:
+                        continue
+                    chosen.append(run_id)
+                    if kind is not None and kind in caps:
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                    owners[owner] = owners.get(owner, 0) + 1
+                locked = self._lock_queued(session, chosen)
+                for run in locked:
+                    if run.kind is not None and run.kind in caps:
+                        kind_active[run.kind] = kind_active.get(run.kind, 0) + 1
+                    owner_active[run.owner] = owner_active.get(run.owner, 0) + 1
+                runs += locked
+                if len(candidates) < fetch and len(locked) == len(chosen):
+                    break  # every eligible run was considered
             for run in runs:
                 number = (
                     session.exec(select(func.count()).select_from(Attempt).where(Attempt.run_id == run.id)).one() + 1
@@ -506,6 +647,73 @@ class Ledger:
         return out
 
     @staticmethod
+    def _active_counts(session: Session, key: Any, values: list[str] | None) -> dict[str, int]:
+        """Active attempts (every scheduler, every backend) grouped by a column of their run."""
+        stmt = (
+            select(key, func.count())
+            .select_from(Attempt)
+            .join(Run, col(Run.id) == col(Attempt.run_id))
+            .where(col(Attempt.state).in_([s.value for s in ACTIVE_ATTEMPT_STATES]))
+        )
+        if values is not None:
+            stmt = stmt.where(key.in_(values))
+        rows = session.exec(stmt.group_by(key)).all()
+        return {str(value): int(n) for value, n in rows if value is not None}
+
+    @staticmethod
+    def _fair_candidates(
+        session: Session,
+        backends: list[str],
+        now: datetime,
+        per_owner: int,
+        fetch: int,
+        *,
+        tried: set[str],
+        full_kinds: list[str],
+        full_owners: list[str],
+    ) -> list[tuple[str, str, str | None]]:
+        """Due queued runs as (id, owner, kind), interleaved round-robin over owners: every
+        owner's oldest run first, then every owner's second oldest, and so on. Unlocked: the
+        window function runs in a subquery, because Postgres refuses FOR UPDATE with window
+        functions; the chosen ids are locked afterwards by :meth:`_lock_queued`."""
+        rank = (
+            func.row_number()
+            .over(partition_by=col(Run.owner), order_by=(col(Run.created_at), col(Run.id)))
+            .label("rank")
+        )
+        inner = sa_select(col(Run.id), col(Run.owner), col(Run.kind), col(Run.created_at), rank).where(
+            col(Run.state) == RunState.QUEUED.value,
+            col(Run.cancel_requested).is_(False),
+            col(Run.backend).in_(backends),
+            (col(Run.not_before).is_(None)) | (col(Run.not_before) <= now),
+        )
+        if tried:
+            inner = inner.where(col(Run.id).not_in(list(tried)))
+        if full_kinds:
+            inner = inner.where(col(Run.kind).is_(None) | col(Run.kind).not_in(full_kinds))
+        if full_owners:
+            inner = inner.where(col(Run.owner).not_in(full_owners))
+        sub = inner.subquery("queued")
+        stmt = (
+            sa_select(sub.c.id, sub.c.owner, sub.c.kind)
+            .where(sub.c.rank <= per_owner)
+            .order_by(sub.c.rank, sub.c.created_at, sub.c.id)
+            .limit(fetch)
+        )
+        return [(str(i), str(o), k) for i, o, k in session.execute(stmt).all()]
+
+    def _lock_queued(self, session: Session, run_ids: list[str]) -> list[Run]:
+        """Lock the chosen runs (skipping any another scheduler holds) and return those still
+        queued, in the chosen order."""
+        if not run_ids:
+            return []
+        stmt = select(Run).where(
+            col(Run.id).in_(run_ids), Run.state == RunState.QUEUED.value, col(Run.cancel_requested).is_(False)
+        )
+        rows = {run.id: run for run in session.exec(self._lock_rows(stmt)).all()}
+        return [rows[i] for i in run_ids if i in rows]
+
+    @staticmethod
     def _claimed(attempt: Attempt, run: Run) -> ClaimedAttempt:
         return ClaimedAttempt(
             run_id=run.id,
@@ -520,6 +728,7 @@ class Ledger:
             submitted_at=attempt.submitted_at,
             created_at=attempt.created_at,
             cancel_requested=run.cancel_requested,
+            started_at=attempt.started_at,
         )
 
     @staticmethod
@@ -657,11 +866,19 @@ class Ledger:
             if result.started_at is not None and run.started_at is None:
                 run.started_at = result.started_at
             target = self._next_state(run, spec, result)
-            data = {"exit_code": result.exit_code, "signal": result.signal}
+            data: dict[str, Any] = {"exit_code": result.exit_code, "signal": result.signal}
             if target == RunState.QUEUED:
                 delay = spec.retry.backoff * (2 ** max(0, run.attempts - 1))
                 run.not_before = now + timedelta(seconds=delay)
                 kind = result.failure_kind.value if result.failure_kind else "unknown"
+                data.update(
+                    failure_kind=kind,
+                    not_before=run.not_before.isoformat(),
+                    retry_in_s=delay,
+                    attempt=attempt.number,
+                    next_attempt=attempt.number + 1,
+                    max_attempts=run.max_attempts,
+                )
                 transition(
                     session,
                     run,
@@ -705,6 +922,114 @@ class Ledger:
             retryable=retryable,
         )
         return self.finish_attempt(attempt_id, fence, result, None)
+
+    # -- the outbox (notifications) -----------------------------------------------------------
+
+    def claim_outbox(self, *, limit: int, lease_s: float, max_attempts: int) -> list[OutboxItem]:
+        """Take up to ``limit`` due, undelivered notifications (oldest first) that have not used up
+        ``max_attempts``, and push their ``next_attempt_at`` ``lease_s`` ahead so that no other
+        notifier takes them while this one delivers (if it dies, they are due again after the
+        lease). Postgres: ``FOR UPDATE SKIP LOCKED``; the transaction is short, delivery happens
+        outside it."""
+        if limit <= 0:
+            return []
+        with self._session(write=True) as session:
+            now = self.db_now(session)
+            stmt = (
+                select(Outbox)
+                .where(
+                    col(Outbox.delivered_at).is_(None),
+                    col(Outbox.next_attempt_at) <= now,
+                    col(Outbox.attempts) < max_attempts,
+                )
+                .order_by(col(Outbox.id))
+                .limit(limit)
+            )
+            rows = session.exec(self._lock_rows(stmt)).all()
+            out: list[OutboxItem] = []
+            for row in rows:
+                row.next_attempt_at = now + timedelta(seconds=lease_s)
+                out.append(
+                    OutboxItem(
+                        id=row.id or 0,
+                        run_id=row.run_id,
+                        kind=row.kind,
+                        payload=json.loads(row.payload_json),
+                        attempts=row.attempts,
+                        delivered_targets=frozenset(_parse_targets(row.delivered_targets)),
+                        created_at=row.created_at,
+                    )
+                )
+            return out
+
+    def record_deliveries(self, results: Sequence[DeliveryResult]) -> None:
+        """Record a batch of delivery tries in one transaction. A row that failed is due again after
+        its ``retry_in_s``; one that ``gave_up`` keeps its ``last_error`` and gets a
+        ``notify_failed`` event on its run, so the loss is visible."""
+        if not results:
+            return
+        with self._session(write=True) as session:
+            now = self.db_now(session)
+            for item in results:
+                row = session.get(Outbox, item.outbox_id)
+                if row is None or row.delivered_at is not None:
+                    continue
+                row.attempts += 1
+                row.delivered_targets = ",".join(str(i) for i in sorted(item.delivered_targets)) or None
+                row.last_error = item.error[:4000] if item.error else None
+                if item.delivered:
+                    row.delivered_at = now
+                    continue
+                row.next_attempt_at = now + timedelta(seconds=max(0.0, item.retry_in_s))
+                if item.gave_up:
+                    _event(
+                        session,
+                        row.run_id,
+                        "notify_failed",
+                        now,
+                        message=f"notification {row.id} given up after {row.attempts} attempts: {row.last_error}",
+                        data={"outbox_id": row.id, "attempts": row.attempts, "event_id": row.event_id},
+                    )
+
+    def prune_outbox(self, *, older_than_s: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` rows delivered more than ``older_than_s`` ago (undelivered rows,
+        including given-up ones, are kept)."""
+        with self._session(write=True) as session:
+            cutoff = self.db_now(session) - timedelta(seconds=older_than_s)
+            ids = session.exec(
+                select(Outbox.id)
+                .where(col(Outbox.delivered_at).is_not(None), col(Outbox.delivered_at) < cutoff)
+                .limit(limit)
+            ).all()
+            if ids:
+                session.execute(delete(Outbox).where(col(Outbox.id).in_(list(ids))))
+            return len(ids)
+
+    def outbox(self, run_id: str | None = None, *, undelivered: bool = False) -> list[OutboxInfo]:
+        """Notification rows (oldest first), for ``doctor``, admins and tests."""
+        with self._session(write=False) as session:
+            stmt = select(Outbox)
+            if run_id is not None:
+                stmt = stmt.where(Outbox.run_id == run_id)
+            if undelivered:
+                stmt = stmt.where(col(Outbox.delivered_at).is_(None))
+            rows = session.exec(stmt.order_by(col(Outbox.id))).all()
+            return [
+                OutboxInfo(
+                    id=row.id or 0,
+                    run_id=row.run_id,
+                    event_id=row.event_id,
+                    kind=row.kind,
+                    payload=json.loads(row.payload_json),
+                    created_at=row.created_at,
+                    attempts=row.attempts,
+                    next_attempt_at=row.next_attempt_at,
+                    delivered_at=row.delivered_at,
+                    delivered_targets=frozenset(_parse_targets(row.delivered_targets)),
+                    last_error=row.last_error,
+                )
+                for row in rows
+            ]
 
     # -- introspection (doctor, tests) --------------------------------------------------------
 

@@ -387,6 +387,25 @@ def test_infrastructure_failure_retried_with_backoff(ledger: Ledger, kinds: tupl
     assert len(retries) == 2 and "retry in 10s" in (retries[0].message or "")
 
 
+def test_retry_event_says_why_and_when(ledger: Ledger) -> None:
+    run_id, item = running(ledger, job(retry={"max_attempts": 2, "backoff": "30s"}))
+    ledger.finish_attempt(item.attempt_id, item.fence, result(None, FailureKind.NODE_FAIL, signal=9), None)
+    (retry,) = [e for e in ledger.events(run_id) if e.to_state == "queued" and e.from_state is not None]
+    assert retry.data is not None
+    assert retry.data["failure_kind"] == "node_fail" and retry.data["signal"] == 9
+    assert retry.data["attempt"] == 1 and retry.data["next_attempt"] == 2 and retry.data["max_attempts"] == 2
+    assert retry.data["retry_in_s"] == 30
+    not_before = datetime.fromisoformat(retry.data["not_before"])
+    assert 25 <= (not_before - retry.at).total_seconds() <= 35
+    with Session(ledger.engine) as session:
+        stored = session.get(Run, run_id)
+        assert stored is not None and stored.not_before == not_before
+    # the notification of the retry carries the same facts
+    (note,) = [r for r in ledger.outbox(run_id) if r.event_id == retry.id]
+    assert note.payload["state"] == "queued" and note.payload["previous_state"] == "running"
+    assert note.payload["failure_kind"] == "node_fail" and note.payload["not_before"] == retry.data["not_before"]
+
+
 def test_max_attempts_one_means_no_retry(ledger: Ledger) -> None:
     _, item = running(ledger, job(retry={"max_attempts": 1}))
     assert ledger.finish_attempt(item.attempt_id, item.fence, result(None, FailureKind.NODE_FAIL), None) == (

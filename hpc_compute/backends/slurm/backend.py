@@ -148,6 +148,7 @@ class SlurmBackend(Backend):
         self.reconcile_grace_s = self.conf.reconcile_grace_s
         self.max_in_flight = self.conf.max_in_flight
         self._accounting: bool | None = {"on": True, "off": False}.get(self.conf.accounting)
+        self._user_name: str | None = None
         #: the last terminal record seen per job id, for collect()
         self._records: dict[str, SlurmRecord] = {}
         #: job ids proved absent (past the grace period, every query succeeded)
@@ -308,6 +309,16 @@ class SlurmBackend(Backend):
             return None
         return self._accounting
 
+    def _user(self) -> str:
+        """The account our jobs run as on the cluster (asked once through the transport)."""
+        if self._user_name is None:
+            result = self.transport.run(["id", "-un"], timeout=self.conf.command_timeout)
+            name = result.stdout.strip()
+            if result.returncode != 0 or not name:
+                raise BackendUnavailable(f"cannot tell the cluster user: {_first_line(result.stderr)}")
+            self._user_name = name
+        return self._user_name
+
     @staticmethod
     def _since(times: Iterable[float | None], slack: float) -> str:
         now = time.time()
@@ -462,7 +473,8 @@ class SlurmBackend(Backend):
         elif accounting:
             since = self._since([t.submitted_at for t in tickets], self.conf.sacct_slack_s)
             try:
-                for record in self._sacct(["--name", ",".join(names)], since):
+                # As root (or an operator) sacct --name lists every user's jobs: only ours count.
+                for record in self._sacct(["--name", ",".join(names), "--user", self._user()], since):
                     if record.name in by_name:
                         by_name[record.name].setdefault(record.job_id, record)
             except BackendUnavailable as exc:
