@@ -230,4 +230,12 @@ def load_settings(
         raise ConfigError(f"config {where}: {first['msg']}") from None
     if floor is not None and settings.scheduler.min_poll_interval < float(floor):
         settings.scheduler.min_poll_interval = float(floor)
+    slurm_floor = system.get("slurm", {}).get("min_poll_interval")
+    if settings.slurm:
+        if slurm_floor is not None:
+            current = float(settings.slurm.get("min_poll_interval", 0) or 0)
+            settings.slurm["min_poll_interval"] = max(current, float(slurm_floor))
+        from hpc_compute.backends.slurm.config import SlurmSettings
+
+        SlurmSettings.from_mapping(settings.slurm)  # a bad [slurm] section fails here, with its field named
     return settings

@@ -305,6 +305,12 @@ class Engine:
         try:
             job_id = backend.submit(ticket)
         except SubmitError as exc:
+            if exc.definite and exc.defer_s is not None:
+                log.info("attempt %s deferred by %s: %s", claimed.attempt_id, backend.name, exc)
+                self._forget(claimed.attempt_id)
+                note, base = str(exc), exc.defer_s
+                self._guarded(lambda: self.ledger.defer_attempt(claimed.attempt_id, claimed.fence, note, base_s=base))
+                return
             if exc.definite:
                 log.warning("attempt %s refused by %s: %s", claimed.attempt_id, backend.name, exc)
                 self._forget(claimed.attempt_id)

@@ -28,12 +28,30 @@ ansible-lint ansible/
 step "tests"
 export HPCC_TEST_PG_URL="${HPCC_TEST_PG_URL:-postgresql+psycopg://hpcc:hpcc@127.0.0.1:5432/hpcc_test}"
 export HPCC_TEST_REQUIRE_SERVICES=1   # a test that needs Postgres, Slurm or sshd fails instead of skipping
-set +e
-timeout --signal=TERM 75m python3 -m pytest -ra --durations=15 "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-  echo "pytest collected no tests: that is a failure" >&2
-  exit 1
+run_pytest() {
+  set +e
+  timeout --signal=TERM "$1" python3 -m pytest -ra "${@:2}"
+  local rc=$?
+  set -e
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure" >&2
+    exit 1
+  fi
+  if [ "$rc" -ne 0 ]; then
+    echo "pytest failed (exit $rc)" >&2
+    exit "$rc"
+  fi
+}
+
+step "tests (Slurm accounting on)"
+HPCC_TEST_SLURM_ACCOUNTING=on run_pytest 60m --durations=20 "$@"
+
+if [ "$#" -eq 0 ]; then
+  step "Slurm tests again with accounting off (as many sites run)"
+  ansible-playbook -i ansible/inventory/localhost.yml ansible/playbooks/dev-cluster.yml \
+    -e hpcc_slurm_accounting=false --skip-tags smoke
+  HPCC_TEST_SLURM_ACCOUNTING=off run_pytest 20m -m slurm -k "not time_limit and not restart" tests/integration
+  step "restore accounting on"
+  ansible-playbook -i ansible/inventory/localhost.yml ansible/playbooks/dev-cluster.yml --skip-tags smoke >/dev/null
 fi
-exit "$rc"
+echo "all tests passed"

@@ -91,12 +91,15 @@ class Outcome:
 class SubmitError(Exception):
     """A failed submission. ``definite``: the backend surely created nothing (otherwise the
     engine reconciles by tag). ``retryable``: a new attempt could succeed (False for a request
-    the site can never satisfy, such as more GPUs than any node has)."""
+    the site can never satisfy, such as more GPUs than any node has). ``defer_s``: the backend
+    is temporarily full (a quota): requeue the run after about this long without counting the
+    attempt against its retry limit."""
 
-    def __init__(self, message: str, *, definite: bool, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, definite: bool, retryable: bool = True, defer_s: float | None = None) -> None:
         super().__init__(message)
         self.definite = definite
         self.retryable = retryable
+        self.defer_s = defer_s
 
 
 class Backend(abc.ABC):

@@ -786,6 +786,36 @@ class Ledger:
             else:
                 transition(session, run, RunState.QUEUED, at=now, attempt_id=attempt_id, message=reason)
 
+    def defer_attempt(self, attempt_id: str, fence: int, reason: str, *, base_s: float) -> None:
+        """The backend is full for now (a quota): tombstone the attempt, requeue the run after a
+        delay that doubles with each deferral (at most 10 minutes), without burning a retry."""
+        now = utcnow()
+        with self._session(write=True) as session:
+            attempt, run = self._fenced(session, attempt_id, fence)
+            deferred = session.exec(
+                select(func.count())
+                .select_from(Attempt)
+                .where(Attempt.run_id == run.id, Attempt.state == AttemptState.NOT_SUBMITTED.value)
+            ).one()
+            delay = min(600.0, base_s * (2 ** min(int(deferred), 10)))
+            attempt.state = AttemptState.NOT_SUBMITTED.value
+            attempt.finished_at = now
+            attempt.message = f"deferred: {reason}"
+            run.attempts = max(0, run.attempts - 1)
+            if run.cancel_requested:
+                transition(session, run, RunState.CANCELLED, at=now, attempt_id=attempt_id, message="cancelled")
+                return
+            run.not_before = now + timedelta(seconds=delay)
+            transition(
+                session,
+                run,
+                RunState.QUEUED,
+                at=now,
+                attempt_id=attempt_id,
+                message=f"deferred for {delay:.0f}s: {reason}"[:2000],
+                data={"deferred_s": delay, "not_before": run.not_before.isoformat()},
+            )
+
     def record_observations(self, observed: Sequence[Observed]) -> list[str]:
         """Apply many poll results in one transaction; return the attempt ids whose fence was stale."""
         if not observed:

@@ -31,7 +31,7 @@ from hpc_compute.harvest import HarvestedFile, HarvestReport, Refusal
 from hpc_compute.ledger import db
 from hpc_compute.ledger.models import Attempt, Event, Run, Scheduler
 from hpc_compute.ledger.states import AttemptState, RunState
-from hpc_compute.ledger.store import AttemptResult, ClaimedAttempt, Ledger, Observed, transition
+from hpc_compute.ledger.store import AttemptResult, ClaimedAttempt, Ledger, Observed, transition, utcnow
 from hpc_compute.spec import FailureKind, JobSpec, parse_spec
 
 SCHED = "sched-test-1"
@@ -503,6 +503,34 @@ def test_mark_not_submitted_of_a_cancelled_run(ledger: Ledger) -> None:
     item = claim_one(ledger)
     ledger.request_cancel(run.id)
     ledger.mark_not_submitted(item.attempt_id, item.fence, "absent")
+    assert ledger.get_run(run.id).state == RunState.CANCELLED
+
+
+def test_defer_attempt_requeues_later_without_burning_a_retry(ledger: Ledger) -> None:
+    run = ledger.create_run(job(retry={"max_attempts": 1}), "alice")
+    first = claim_one(ledger)
+    ledger.defer_attempt(first.attempt_id, first.fence, "quota reached", base_s=30)
+    got = ledger.get_run(run.id)
+    assert got.state == RunState.QUEUED and got.attempts == 0
+    assert claim(ledger) == [], "a deferred run waits for its not_before"
+    event = [e for e in ledger.events(run.id) if e.kind == "state"][-1]
+    assert event.data is not None and event.data["deferred_s"] == 30
+    with ledger._session(write=True) as session:  # let the deferral expire
+        row = session.get(Run, run.id)
+        assert row is not None
+        row.not_before = utcnow()
+    second = claim_one(ledger)
+    ledger.defer_attempt(second.attempt_id, second.fence, "quota reached", base_s=30)
+    event = [e for e in ledger.events(run.id) if e.kind == "state"][-1]
+    assert event.data is not None and event.data["deferred_s"] == 60, "the delay doubles"
+    assert ledger.get_run(run.id).attempts == 0
+
+
+def test_defer_attempt_of_a_cancelled_run(ledger: Ledger) -> None:
+    run = ledger.create_run(job(), "alice")
+    item = claim_one(ledger)
+    ledger.request_cancel(run.id)
+    ledger.defer_attempt(item.attempt_id, item.fence, "quota", base_s=1)
     assert ledger.get_run(run.id).state == RunState.CANCELLED
 
 

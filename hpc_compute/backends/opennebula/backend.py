@@ -952,7 +952,9 @@ def _tag_of(vm: VmView) -> str | None:
 
 def _submit_error(exc: OneError) -> SubmitError:
     if exc.kind == "quota":
-        return SubmitError(f"OpenNebula quota reached, try again later: {exc}", definite=True, retryable=True)
+        return SubmitError(
+            f"OpenNebula quota reached, try again later: {exc}", definite=True, retryable=True, defer_s=30.0
+        )
     if exc.kind in ("authentication", "authorization", "not_found", "api"):
         return SubmitError(f"OpenNebula refused the VM ({exc.kind}): {exc}", definite=True, retryable=False)
     if exc.kind in ("internal", "wrong_state"):
