@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from alembic import context
-import hpc_compute.ledger.models  # noqa: F401  (registers the tables)
-from hpc_compute.ledger.db import make_engine
 from sqlmodel import SQLModel
+
+import hpc_compute.ledger.models  # noqa: F401  (registers the tables)
+from alembic import context
+from hpc_compute.ledger.db import make_engine
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -21,7 +21,7 @@ step "cluster and services (ansible/playbooks/dev-cluster.yml)"
 ansible-playbook -i ansible/inventory/localhost.yml ansible/playbooks/dev-cluster.yml
 
 step "lint: ruff, mypy --strict, ansible-lint"
-ruff check hpc_compute tests bench
+ruff check .
 mypy --strict hpc_compute
 ansible-lint ansible/
 

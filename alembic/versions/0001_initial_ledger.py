@@ -1,7 +1,7 @@
 """initial ledger
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-12-02 01:32:35.453449
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 import sqlmodel.sql.sqltypes
-from alembic import op
 
+from alembic import op
 
 revision: str = '0001'
 down_revision: str | None = None

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 import sqlmodel.sql.sqltypes
-from alembic import op
 
+from alembic import op
 
 revision: str = '0002'
 down_revision: str | None = '0001'
