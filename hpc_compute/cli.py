@@ -47,6 +47,7 @@ from hpc_compute.errors import (
 from hpc_compute.ledger.states import RunState
 from hpc_compute.records import RunInfo
 from hpc_compute.spec import INPUT_NAME_RE, load_spec_mapping, parse_spec
+from hpc_compute.sweep import expand, read_json_lines
 
 # Recent typer releases raise the exceptions of a vendored click, not of the click package.
 _USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
@@ -195,48 +196,94 @@ def submit(
     env: Annotated[list[str] | None, typer.Option("--env", help="K=V for the job's environment")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", help="K=V label")] = None,
     name: Annotated[str | None, typer.Option(help="display name")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="job file (TOML or YAML)")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="job file (TOML or YAML), may hold a [sweep]")
+    ] = None,
+    jobs: Annotated[
+        str | None, typer.Option("--jobs", help="many jobs as JSON lines, from a file or '-' for stdin")
+    ] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="same key + same spec = same run")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the end; exit with the job's exit code")] = False,
     timeout: Annotated[float | None, typer.Option(help="with --wait: give up after this many seconds")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the run as JSON")] = False,
     parsable: Annotated[bool, typer.Option("--parsable", help="print only the run id")] = False,
 ) -> None:
-    """Accept a run into the ledger: ``hpc-compute submit --image host -- python3 -c 'print(1)'``."""
-    data: dict[str, Any] = load_spec_mapping(file) if file else {}
+    """Accept runs into the ledger: ``hpc-compute submit --image host -- python3 -c 'print(1)'``.
+
+    One job from the options (and ``--file``); many from a file with a ``[sweep]`` table or from
+    ``--jobs`` (JSON lines), accepted in one transaction; options given here apply to each."""
+    overrides: dict[str, Any] = {}
     if command:
-        data["command"] = list(command)
+        overrides["command"] = list(command)
     for key, value in (("image", image), ("backend", backend), ("name", name)):
         if value is not None:
-            data[key] = value
-    resources = dict(data.get("resources") or {})
+            overrides[key] = value
     given: dict[str, int | str | None] = {"cpus": cpus, "memory": mem, "gpus": gpus, "time_limit": time_limit}
-    resources.update({key: value for key, value in given.items() if value is not None})
-    if resources:
-        data["resources"] = resources
-    if inputs:
-        data["inputs"] = [*list(data.get("inputs") or []), *(_parse_input(v, i) for i, v in enumerate(inputs))]
-    if env:
-        data["env"] = {**dict(data.get("env") or {}), **_parse_pairs(env, "env", "--env")}
-    if label:
-        data["labels"] = {**dict(data.get("labels") or {}), **_parse_pairs(label, "labels", "--label")}
-    spec = parse_spec(data)
+    resources = {key: value for key, value in given.items() if value is not None}
+    extra_inputs = [_parse_input(v, i) for i, v in enumerate(inputs or [])]
+    extra_env = _parse_pairs(env or [], "env", "--env")
+    extra_labels = _parse_pairs(label or [], "labels", "--label")
+
+    def build(base: dict[str, Any]) -> dict[str, Any]:
+        data = {**base, **overrides}
+        if resources:
+            data["resources"] = {**dict(data.get("resources") or {}), **resources}
+        if extra_inputs:
+            data["inputs"] = [*list(data.get("inputs") or []), *extra_inputs]
+        if extra_env:
+            data["env"] = {**dict(data.get("env") or {}), **extra_env}
+        if extra_labels:
+            data["labels"] = {**dict(data.get("labels") or {}), **extra_labels}
+        return data
+
+    if jobs is not None and file is not None:
+        raise SpecError("jobs", "give either --file or --jobs, not both")
+    if jobs is not None:
+        source = sys.stdin if jobs == "-" else _open_jobs(jobs)
+        bases = list(read_json_lines(source))
+        if not bases:
+            raise SpecError("jobs", "holds no job")
+    else:
+        bases = expand(load_spec_mapping(file)) if file else [{}]
     client = _client()
-    run = client.submit(spec, idempotency_key=idempotency_key)
+    if len(bases) == 1 and jobs is None:
+        runs = [client.submit(parse_spec(build(bases[0])), idempotency_key=idempotency_key)]
+    else:
+        if idempotency_key is not None:
+            raise SpecError("idempotency_key", "applies to one run; a sweep or job list is accepted atomically")
+        specs = []
+        for index, base in enumerate(bases):
+            try:
+                specs.append(parse_spec(build(base)))
+            except SpecError as exc:
+                raise SpecError(f"jobs[{index}].{exc.field}", exc.rule) from None
+        runs = client.submit_many(specs)
     if parsable:
-        typer.echo(run.id)
+        for run in runs:
+            typer.echo(run.id)
     elif as_json and not wait:
-        _emit_json(run.summary())
+        _emit_json(runs[0].summary() if len(runs) == 1 and jobs is None else [r.summary() for r in runs])
     elif not as_json:
-        typer.echo(f"Submitted run {run.id}", err=wait)
+        for run in runs[:20]:
+            typer.echo(f"Submitted run {run.id}", err=wait)
+        if len(runs) > 20:
+            typer.echo(f"... and {len(runs) - 20} more ({len(runs)} runs in all)", err=wait)
     if not wait:
         return
-    run = _wait_for(client, run.id, timeout)
+    finished = [_wait_for(client, run.id, timeout) for run in runs]
     if as_json:
-        _emit_json(run.summary())
+        _emit_json(finished[0].summary() if len(finished) == 1 and jobs is None else [r.summary() for r in finished])
     elif not parsable:
-        _print_outcome(run)
-    raise typer.Exit(_exit_code_for(run))
+        for run in finished:
+            _print_outcome(run)
+    raise typer.Exit(max(_exit_code_for(run) for run in finished))
+
+
+def _open_jobs(path: str) -> Any:
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise SpecError("jobs", f"cannot read {path}: {exc.strerror}") from None
 
 
 def _print_outcome(run: RunInfo) -> None:

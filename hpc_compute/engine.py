@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -38,6 +39,8 @@ log = logging.getLogger("hpc_compute.engine")
 _T = TypeVar("_T")
 
 CRASH_ENV = "HPCC_TEST_CRASH_AT"
+PAUSE_ENV = "HPCC_TEST_PAUSE_AT"
+PAUSE_POINTS = ("before_sbatch",)
 TIMEOUT_CANCEL_RESEND_S = 30.0  # a time-limit cancel the backend has not acted on is sent again after this
 CRASH_POINTS = ("after_claim", "after_submit", "before_mark_submitted", "after_collect", "before_finish")
 
@@ -47,6 +50,18 @@ def crash_point(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name:
         log.warning("crash point %s reached: exiting hard", name)
         os._exit(137)
+
+
+def pause_point(name: str) -> None:
+    """Fault injection for the lease tests: ``HPCC_TEST_PAUSE_AT=before_sbatch`` makes the process
+    SIGSTOP itself there (once), as a long GC pause or a frozen VM would; SIGCONT resumes it."""
+    if os.environ.get(PAUSE_ENV) == name:
+        os.environ.pop(PAUSE_ENV, None)  # once: a resumed scheduler carries on normally
+        log.warning("pause point %s reached: stopping (SIGSTOP) until SIGCONT", name)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        log.warning("pause point %s: resumed", name)
 
 
 def default_backends(settings: Settings) -> dict[str, Backend]:
@@ -79,6 +94,7 @@ class _Tracked:
     submitted_at: float | None
     cancel_sent: bool = False
     needs_reconcile: bool = False
+    needs_confirm: bool = False  # the handle is committed; the backend still has to start it (strict submit)
     errors: int = 0
     last_state: AttemptState = AttemptState.SUBMITTING
     reason: str | None = None
@@ -214,11 +230,21 @@ class Engine:
         self._heartbeat()
         changed = self._claim_and_submit()
         changed += self._reconcile()
+        self._confirm_committed()
         changed += self._apply_cancellations()
         changed += self._poll()
         changed += self._enforce_time_limits()
+        self._sweep()
         self._notify()
         return changed
+
+    def _sweep(self) -> None:
+        """Let each backend withdraw leftovers of attempts given up (tombstoned tags that appeared)."""
+        for name, backend in self.backends.items():
+            try:
+                backend.sweep_abandoned()
+            except BackendUnavailable as exc:
+                log.warning("sweep of %s failed, will retry: %s", name, exc)
 
     def _notify(self) -> None:
         """Deliver a batch of the outbox. Never fails the cycle: undelivered rows stay due."""
@@ -264,6 +290,8 @@ class Engine:
                 backend_job_id=claimed.backend_job_id,
                 submitted_at=(claimed.submitted_at or claimed.created_at).timestamp(),
                 needs_reconcile=claimed.backend_job_id is None,
+                # the previous owner may have died between committing the handle and confirming it
+                needs_confirm=claimed.backend_job_id is not None and claimed.state == AttemptState.PENDING,
                 last_state=claimed.state,
                 pending_since=claimed.submitted_at.timestamp() if claimed.submitted_at else None,
                 running_since=claimed.started_at.timestamp() if claimed.started_at else None,
@@ -302,6 +330,7 @@ class Engine:
         claimed = tracked.claimed
         backend = self.backends[claimed.backend]
         ticket = self._ticket(tracked)
+        pause_point("before_sbatch")
         try:
             job_id = backend.submit(ticket)
         except SubmitError as exc:
@@ -330,9 +359,55 @@ class Engine:
         crash_point("after_submit")
         tracked.backend_job_id = job_id
         crash_point("before_mark_submitted")
-        self._guarded(lambda: self.ledger.mark_submitted(claimed.attempt_id, claimed.fence, job_id))
+        try:
+            self.ledger.mark_submitted(claimed.attempt_id, claimed.fence, job_id)
+        except FencedOut as exc:
+            log.warning("fenced out: %s", exc)
+            self._forget(claimed.attempt_id)
+            self._abandon_if_orphaned(backend, replace(ticket, backend_job_id=job_id))
+            return
         tracked.last_state = AttemptState.PENDING
         tracked.pending_since = time.time()
+        tracked.needs_confirm = True
+        self._confirm(tracked)
+
+    def _abandon_if_orphaned(self, backend: Backend, ticket: Ticket) -> None:
+        """We created ``ticket.backend_job_id`` but lost the attempt before committing it. Another
+        scheduler owns the attempt now: when it already adopted this very job, or its
+        reconciliation is still undecided (it will find the job by its tag), leave the job alone;
+        when it gave the attempt up (tombstoned or finished) or holds another job, withdraw ours
+        (held under strict submission, so it never ran)."""
+        job_id = ticket.backend_job_id
+        try:
+            current = next((a for a in self.ledger.attempts(ticket.run_id) if a.id == ticket.attempt_id), None)
+        except LedgerUnavailable as exc:
+            log.warning("attempt %s: cannot read its state (%s); withdrawing job %s", ticket.attempt_id, exc, job_id)
+            current = None
+        if current is not None and current.backend_job_id == job_id:
+            log.info("attempt %s: job %s was adopted by its new owner; leaving it", ticket.attempt_id, job_id)
+            return
+        if current is not None and current.state == AttemptState.SUBMITTING and current.backend_job_id is None:
+            log.info("attempt %s: its new owner is still reconciling; job %s is left to it", ticket.attempt_id, job_id)
+            return
+        log.warning("attempt %s: withdrawing job %s (the attempt is no longer ours)", ticket.attempt_id, job_id)
+        try:
+            backend.abandon(ticket)
+        except BackendUnavailable as exc:
+            log.warning("could not withdraw job %s of attempt %s: %s", job_id, ticket.attempt_id, exc)
+
+    def _confirm(self, tracked: _Tracked) -> None:
+        """Let the backend start a job whose handle is committed (strict submit: release the hold)."""
+        try:
+            self.backends[tracked.claimed.backend].confirm(self._ticket(tracked))
+        except BackendUnavailable as exc:
+            log.warning("confirm of %s failed, will retry: %s", tracked.claimed.attempt_id, exc)
+            return
+        tracked.needs_confirm = False
+
+    def _confirm_committed(self) -> None:
+        for tracked in list(self.tracked.values()):
+            if tracked.needs_confirm and tracked.backend_job_id is not None and not tracked.needs_reconcile:
+                self._confirm(tracked)
 
     def _reconcile(self) -> int:
         by_backend: dict[str, list[_Tracked]] = {}
@@ -357,13 +432,21 @@ class Engine:
                 if result.kind == FindKind.FOUND and result.backend_job_id:
                     tracked.backend_job_id = result.backend_job_id
                     log.info("attempt %s found as %s: adopted", claimed.attempt_id, result.backend_job_id)
-                    self._guarded(
-                        lambda c=claimed, j=result.backend_job_id: self.ledger.mark_submitted(  # type: ignore[misc]
-                            c.attempt_id, c.fence, j, message=f"reconciled: adopted {j}"
+                    try:
+                        self.ledger.mark_submitted(
+                            claimed.attempt_id,
+                            claimed.fence,
+                            result.backend_job_id,
+                            message=f"reconciled: adopted {result.backend_job_id}",
                         )
-                    )
+                    except FencedOut as exc:
+                        # its new owner reconciles it (and finds the same job by its tag)
+                        log.warning("fenced out: %s", exc)
+                        self._forget(claimed.attempt_id)
+                        continue
                     tracked.last_state = AttemptState.PENDING
                     tracked.pending_since = tracked.pending_since or time.time()
+                    tracked.needs_confirm = True
                 else:
                     log.info("attempt %s proved absent: requeueing the run", claimed.attempt_id)
                     self._forget(claimed.attempt_id)

@@ -132,6 +132,27 @@ class Backend(abc.ABC):
     def collect(self, ticket: Ticket, artifact_dir: Path, limits: HarvestLimits) -> Outcome:
         """Read the wrapper's result and the backend's record, harvest outputs into ``artifact_dir``."""
 
+    def confirm(self, ticket: Ticket) -> None:  # noqa: B027 - optional hook
+        """Let the job start, now that its handle (``ticket.backend_job_id``) is committed under
+        the attempt's fence. Called after every successful ``mark_submitted`` (and again for an
+        adopted pending attempt, whose previous owner may have died before confirming). Must be
+        idempotent; raise BackendUnavailable when the backend cannot be reached (the engine calls
+        again next cycle). Backends that start jobs at submit time do nothing (the default).
+
+        The Slurm backend in strict mode submits with ``sbatch --hold`` and releases the hold here,
+        so a job created by a scheduler that lost its lease never runs."""
+
+    def abandon(self, ticket: Ticket) -> None:  # noqa: B027 - optional hook
+        """Withdraw a job this scheduler created but could not commit (its fenced ``mark_submitted``
+        raised FencedOut, and the attempt's new owner gave the attempt up or holds another job):
+        cancel it and keep watching its tag. Raise BackendUnavailable if that failed. The default
+        does nothing (backends without a hold-then-start step cannot withdraw safely)."""
+
+    def sweep_abandoned(self) -> None:  # noqa: B027 - optional hook
+        """Periodic, cheap housekeeping called once per engine cycle: e.g. cancel jobs that carry
+        the tag of an attempt proved absent (tombstoned) and appeared after all. Rate-limit the
+        backend queries inside; raise BackendUnavailable when a query failed."""
+
     def cleanup(self, ticket: Ticket) -> None:  # noqa: B027 - optional hook
         """Release what the attempt held (VMs, remote dirs). Called once after collect."""
 

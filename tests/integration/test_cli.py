@@ -236,3 +236,35 @@ def test_submit_wait_exits_with_the_job_exit_code(tmp_path: Path) -> None:
     assert result.returncode == 7, result.stderr
     data = json.loads(result.stdout)
     assert data["state"] == "failed" and data["failure_kind"] == "exit_code" and data["exit_code"] == 7
+
+
+def test_sweep_file_and_json_lines_are_accepted_in_one_call(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('command = ["/bin/echo", "{a}-{b}"]\n[sweep]\na = [1, 2]\nb = ["x", "y", "z"]\n')
+    done = cli(home, "submit", "-f", str(sweep), "--parsable")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.split()) == 6 and run_count(home) == 6
+    listed = json.loads(cli(home, "list", "--json").stdout)
+    assert sorted(r["command"][1] for r in listed) == ["1-x", "1-y", "1-z", "2-x", "2-y", "2-z"]
+    lines = '{"command": ["/bin/true"]}\n{"command": ["/bin/false"], "name": "second"}\n'
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_compute", "submit", "--jobs", "-", "--parsable"],
+        input=lines,
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.split()) == 2 and run_count(home) == 8
+    bad = subprocess.run(
+        [sys.executable, "-m", "hpc_compute", "submit", "--jobs", "-"],
+        input='{"command": ["/bin/true"]}\n{"command": []}\n',
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "jobs[1].command" in bad.stderr and "Traceback" not in bad.stderr
+    assert run_count(home) == 8, "one bad job rejects the whole list"

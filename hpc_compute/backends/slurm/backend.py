@@ -10,6 +10,13 @@ Submission: the attempt directory (spec.json, a copy of the wrapper, the script)
 through the transport, then ``sbatch --parsable`` runs the script. The script carries the tag
 ``hpcc-<attempt>`` as job name and comment, so a crash between sbatch and the ledger commit is
 reconciled by name (:meth:`SlurmBackend.find`).
+
+Strict submission (``strict_submit``, the default): the job is submitted held (``sbatch
+--hold``); the engine commits its id under the attempt's fence and only then calls
+:meth:`SlurmBackend.confirm`, which releases it. A scheduler that lost its lease while it was
+paused before sbatch therefore creates at most a *held* job: its fenced commit fails and it
+withdraws the job (:meth:`SlurmBackend.abandon`); the tags of tombstoned attempts stay on a watch
+list, and a job that shows up under one is cancelled (:meth:`SlurmBackend.sweep_abandoned`, and every poll).
 """
 
 from __future__ import annotations
@@ -104,6 +111,8 @@ AMBIGUOUS_ERRORS = (
 )
 _REFUSED_MARK = "Batch job submission failed"
 _GONE = ("Invalid job id specified", "already completing or completed", "Job has already finished")
+WATCH_S = 86400.0  #: how long a tombstoned tag stays on the watch list
+SWEEP_EVERY_S = 10.0  #: the watch list is checked with its own squeue at most this often
 
 
 def make_transport(conf: SlurmSettings) -> Transport:
@@ -154,6 +163,9 @@ class SlurmBackend(Backend):
         #: job ids proved absent (past the grace period, every query succeeded)
         self._absent: set[str] = set()
         self._squeue_cache: tuple[float, dict[str, SlurmRecord]] | None = None
+        #: tags of attempts given up (tombstoned or abandoned) -> until when they are watched
+        self._watch: dict[str, float] = {}
+        self._last_sweep = 0.0
         #: commands run, by program name (tests and metrics)
         self.calls: Counter[str] = Counter()
 
@@ -256,8 +268,11 @@ class SlurmBackend(Backend):
         except (OSError, BackendUnavailable) as exc:
             raise SubmitError(f"cannot stage {self.remote_dir(ticket)}: {exc}", definite=True) from exc
         self._squeue_cache = None  # the next poll must see the new job
+        if self.conf.strict_submit:
+            self._test_only(script_path)
         try:
-            result = self._run("sbatch", ["--parsable", script_path], timeout=self.conf.sbatch_timeout)
+            hold = ["--hold"] if self.conf.strict_submit else []
+            result = self._run("sbatch", ["--parsable", *hold, script_path], timeout=self.conf.sbatch_timeout)
         except BackendUnavailable as exc:
             raise SubmitError(f"sbatch outcome unknown: {exc}", definite=False) from exc
         stdout = result.stdout.strip()
@@ -275,6 +290,23 @@ class SlurmBackend(Backend):
             raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=True)
         raise SubmitError(f"sbatch failed ({result.returncode}): {message}", definite=False)
 
+    def _test_only(self, script_path: str) -> None:
+        """Strict submit: slurmctld accepts a *held* job it can never run (e.g. more GPUs than any
+        node has: pending ``BadConstraints`` forever once released), so ask ``sbatch --test-only``
+        first (no job is created) and refuse what Slurm would refuse. Any other answer, including a
+        failed query, lets the held submission go ahead and speak for itself."""
+        try:
+            result = self._run("sbatch", ["--test-only", script_path], timeout=self.conf.sbatch_timeout)
+        except BackendUnavailable:
+            return
+        if result.returncode == 0:
+            return
+        message = _first_line(result.stderr) or f"sbatch --test-only exited with {result.returncode}"
+        if any(marker in message for marker in PERMANENT_REFUSALS):
+            raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=False)
+        if _REFUSED_MARK in message:
+            raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=True)
+
     # -- queries ------------------------------------------------------------------------------
 
     def _squeue(self, extra: list[str]) -> dict[str, SlurmRecord]:
@@ -290,7 +322,28 @@ class SlurmBackend(Backend):
             return cached[1]
         records = {k: v for k, v in self._squeue([]).items() if parse.is_ours(v.name)}
         self._squeue_cache = (time.monotonic(), records)
+        self._cancel_watched(records.values())
         return records
+
+    def _watching(self) -> list[str]:
+        now = time.time()
+        for tag in [t for t, until in self._watch.items() if until < now]:
+            del self._watch[tag]
+        return list(self._watch)
+
+    def _cancel_watched(self, records: Iterable[SlurmRecord]) -> None:
+        """Cancel every live job carrying the tag of an attempt we gave up (never runs user code
+        under strict submission: such a job is still held)."""
+        if not self._watch:
+            return
+        watched = set(self._watching())
+        for record in records:
+            if record.name in watched and not record.terminal:
+                log.warning("job %s carries the tag of a given-up attempt (%s): cancelling", record.job_id, record.name)
+                try:
+                    self._scancel(record.job_id)
+                except BackendUnavailable as exc:
+                    log.warning("could not cancel %s: %s", record.job_id, exc)
 
     def accounting(self) -> bool | None:
         """Whether sacct works here: detected once (``auto``); None while the probe fails."""
@@ -516,16 +569,19 @@ class SlurmBackend(Backend):
         try:
             created = self.transport.create_exclusive(claim, data)
         except FileNotFoundError:
+            self._watch[ticket.tag] = time.time() + WATCH_S
             return FindResult(FindKind.ABSENT, detail="no attempt directory")
         except BackendUnavailable as exc:
             return FindResult(FindKind.UNKNOWN, detail=f"cannot tombstone: {exc}")
         if created:
+            self._watch[ticket.tag] = time.time() + WATCH_S
             return FindResult(FindKind.ABSENT, detail="not found by squeue or sacct after the grace period")
         try:
             existing = self.transport.read_file(claim, RESULT_MAX_BYTES)
         except BackendUnavailable as exc:
             return FindResult(FindKind.UNKNOWN, detail=f"cannot read the claim: {exc}")
         if existing is not None and b'"tombstone": true' in existing:
+            self._watch[ticket.tag] = time.time() + WATCH_S
             return FindResult(FindKind.ABSENT, detail="tombstoned earlier")
         # a wrapper claimed the attempt, yet Slurm shows no job: never declare it absent
         return FindResult(FindKind.UNKNOWN, detail="a wrapper claimed the attempt but Slurm shows no job by its tag")
@@ -541,6 +597,34 @@ class SlurmBackend(Backend):
         if ticket.backend_job_id:
             self._scancel(ticket.backend_job_id)
             self._squeue_cache = None
+
+    def confirm(self, ticket: Ticket) -> None:
+        """Strict submit: release the hold once the job id is committed (a job that already left
+        the hold, finished or vanished counts as released: the hold is gone either way)."""
+        if not self.conf.strict_submit or not ticket.backend_job_id:
+            return
+        result = self._run("scontrol", ["release", ticket.backend_job_id])
+        if result.returncode != 0 and not any(g in result.stderr for g in _GONE):
+            raise BackendUnavailable(
+                f"scontrol release {ticket.backend_job_id} failed ({result.returncode}): {_first_line(result.stderr)}"
+            )
+        self._squeue_cache = None
+
+    def abandon(self, ticket: Ticket) -> None:
+        """Cancel the job we created for an attempt that is no longer ours, and watch its tag."""
+        self._watch[ticket.tag] = time.time() + WATCH_S
+        if ticket.backend_job_id:
+            self._scancel(ticket.backend_job_id)
+        self._squeue_cache = None
+
+    def sweep_abandoned(self) -> None:
+        """At most every SWEEP_EVERY_S while tags are watched: one squeue by name, cancel what lives."""
+        if not self._watch or time.monotonic() - self._last_sweep < max(SWEEP_EVERY_S, self.conf.min_poll_interval):
+            return
+        self._last_sweep = time.monotonic()
+        names = self._watching()
+        if names:
+            self._cancel_watched(self._squeue(["--name", ",".join(names)]).values())
 
     def _record_for(self, ticket: Ticket) -> SlurmRecord | None:
         job_id = ticket.backend_job_id

@@ -92,6 +92,10 @@ class SlurmSettings(BaseModel):
     python: str = "/usr/bin/python3"
     wrapper: str | None = Field(default=None, description="the wrapper's path on the nodes (default: staged copy)")
     allow_requeue: bool = False
+    strict_submit: bool = Field(
+        default=True,
+        description="submit held (sbatch --hold), commit the job id under the fence, then scontrol release",
+    )
     allowed_extra_options: tuple[str, ...] = ()
     extra_sbatch_options: dict[str, str] = Field(default_factory=dict)
     max_in_flight: int = Field(default=1000, ge=1, description="jobs one scheduler keeps submitted at most")
