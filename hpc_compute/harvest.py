@@ -145,7 +145,7 @@ class HarvestReport:
 # names and paths
 
 
-def _name_problem(name: str) -> str | None:
+def name_problem(name: str) -> str | None:
     """Why a directory entry name is unacceptable, or None."""
     try:
         name.encode("utf-8")
@@ -192,7 +192,7 @@ def safe_relative_path(path: str) -> str:
             raise UnsafePath("artifact path has an empty component")
         if part in (".", ".."):
             raise UnsafePath(f"artifact path has a {part!r} component")
-        problem = _name_problem(part)
+        problem = name_problem(part)
         if problem is not None:
             raise UnsafePath(f"artifact path: {problem}")
     return "/".join(parts)
@@ -258,7 +258,7 @@ def open_artifact_file(root: Path, rel: str) -> BinaryIO:
 # the walk
 
 
-class _StopWalk(Exception):
+class StopWalk(Exception):
     """Raised inside the walk once max_refusals is reached."""
 
 
@@ -271,7 +271,7 @@ def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_dev == b.st_dev and a.st_ino == b.st_ino
 
 
-def _type_reason(mode: int) -> str | None:
+def type_reason(mode: int) -> str | None:
     """The refusal reason for a non-regular, non-directory mode; None for regular files and dirs."""
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
@@ -304,7 +304,7 @@ def _what_is_there(dir_fd: int, name: str, directory: bool) -> str:
         return "became a symlink"
     if directory:
         return "no longer a directory"
-    return f"not a regular file ({_type_reason(mode) or 'directory'})"
+    return f"not a regular file ({type_reason(mode) or 'directory'})"
 
 
 def _open_verified(dir_fd: int, name: str, expected: os.stat_result, *, directory: bool) -> int:
@@ -331,7 +331,7 @@ def _open_verified(dir_fd: int, name: str, expected: os.stat_result, *, director
             if not stat.S_ISDIR(st.st_mode):
                 raise _VerifyError(f"{R_CHANGED}: no longer a directory")
         elif not stat.S_ISREG(st.st_mode):
-            reason = _type_reason(st.st_mode) or R_UNKNOWN_TYPE
+            reason = type_reason(st.st_mode) or R_UNKNOWN_TYPE
             raise _VerifyError(f"{R_CHANGED}: not a regular file ({reason})")
         if not _same_inode(st, expected):
             raise _VerifyError(f"{R_CHANGED}: replaced by another file")
@@ -343,21 +343,29 @@ def _open_verified(dir_fd: int, name: str, expected: os.stat_result, *, director
     return fd
 
 
-class _Harvester:
-    def __init__(self, limits: HarvestLimits, root_dev: int, dest_id: tuple[int, int]) -> None:
+class HarvestTally:
+    """The report and the refusal cap every harvester shares (local here, SFTP in transports)."""
+
+    def __init__(self, limits: HarvestLimits) -> None:
         self.limits = limits
-        self.root_dev = root_dev
-        self.dest_id = dest_id
         self.report = HarvestReport()
 
     def refuse(self, rel: str, reason: str, *, truncated: bool = False) -> None:
+        """Record a refusal; past ``max_refusals`` stop the walk (raises StopWalk)."""
         if truncated:
             self.report.truncated = True
         if len(self.report.refused) >= self.limits.max_refusals:
             self.report.truncated = True
             self.report.refused.append(Refusal(rel, R_MAX_REFUSALS))
-            raise _StopWalk
+            raise StopWalk
         self.report.refused.append(Refusal(rel, reason))
+
+
+class _Harvester(HarvestTally):
+    def __init__(self, limits: HarvestLimits, root_dev: int, dest_id: tuple[int, int]) -> None:
+        super().__init__(limits)
+        self.root_dev = root_dev
+        self.dest_id = dest_id
 
     def walk(self, src_fd: int, dst_fd: int, prefix: str, depth: int) -> None:
         """Harvest the entries of the directory ``src_fd`` (whose own path has ``depth`` parts)."""
@@ -368,7 +376,7 @@ class _Harvester:
             if depth + 1 > self.limits.max_depth:
                 self.refuse(rel, R_DEPTH, truncated=True)
                 continue
-            problem = _name_problem(name)
+            problem = name_problem(name)
             if problem is not None:
                 self.refuse(rel, problem)
                 continue
@@ -382,11 +390,9 @@ class _Harvester:
             elif stat.S_ISREG(st.st_mode):
                 self.file(src_fd, dst_fd, name, rel, st)
             else:
-                self.refuse(rel, _type_reason(st.st_mode) or R_UNKNOWN_TYPE)
+                self.refuse(rel, type_reason(st.st_mode) or R_UNKNOWN_TYPE)
 
-    def directory(
-        self, src_fd: int, dst_fd: int, name: str, rel: str, st: os.stat_result, depth: int
-    ) -> None:
+    def directory(self, src_fd: int, dst_fd: int, name: str, rel: str, st: os.stat_result, depth: int) -> None:
         if st.st_dev != self.root_dev:
             self.refuse(rel, R_OTHER_FS)
             return
@@ -565,7 +571,7 @@ def harvest_directory(
                 report.refused.append(Refusal(".", R_DEST_IS_SOURCE))
                 return report
             harvester = _Harvester(limits, src_st.st_dev, (dest_st.st_dev, dest_st.st_ino))
-            with contextlib.suppress(_StopWalk):  # max_refusals: already recorded as a refusal
+            with contextlib.suppress(StopWalk):  # max_refusals: already recorded as a refusal
                 harvester.walk(src_fd, dst_fd, "", 0)
             report = harvester.report
         finally:

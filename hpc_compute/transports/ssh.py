@@ -37,7 +37,6 @@ from hpc_compute.harvest import (
     R_HARD_LINK,
     R_MAX_FILE_BYTES,
     R_MAX_FILES,
-    R_MAX_REFUSALS,
     R_MAX_TOTAL_BYTES,
     R_NAME_NOT_UTF8,
     R_OPEN_FAILED,
@@ -50,20 +49,18 @@ from hpc_compute.harvest import (
     HarvestedFile,
     HarvestLimits,
     HarvestReport,
+    HarvestTally,
     Refusal,
+    StopWalk,
     UnsafeDestination,
-    _name_problem,
-    _type_reason,
+    name_problem,
+    type_reason,
 )
 from hpc_compute.transports.base import CommandResult, Transport
 
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _NET_ERRORS: tuple[type[BaseException], ...] = (paramiko.SSHException, OSError, EOFError, socket.timeout)
-
-
-class _StopWalk(Exception):
-    pass
 
 
 class SshTransport(Transport):
@@ -364,22 +361,12 @@ def _prepare_dest(dest: Path) -> None:
         raise UnsafeDestination(f"harvest destination {dest} is not empty")
 
 
-class SftpHarvester:
+class SftpHarvester(HarvestTally):
     """The rules of :func:`hpc_compute.harvest.harvest_directory`, over SFTP."""
 
     def __init__(self, sftp: paramiko.SFTPClient, limits: HarvestLimits) -> None:
+        super().__init__(limits)
         self.sftp = sftp
-        self.limits = limits
-        self.report = HarvestReport()
-
-    def refuse(self, rel: str, reason: str, *, truncated: bool = False) -> None:
-        if truncated:
-            self.report.truncated = True
-        if len(self.report.refused) >= self.limits.max_refusals:
-            self.report.truncated = True
-            self.report.refused.append(Refusal(rel, R_MAX_REFUSALS))
-            raise _StopWalk
-        self.report.refused.append(Refusal(rel, reason))
 
     def harvest(self, remote_dir: str, dest: Path) -> HarvestReport:
         _prepare_dest(dest)
@@ -394,7 +381,7 @@ class SftpHarvester:
         if st.st_mode is None or not stat.S_ISDIR(st.st_mode):
             self.report.refused.append(Refusal(".", R_SOURCE_NOT_DIR))
             return self.report
-        with contextlib.suppress(_StopWalk):
+        with contextlib.suppress(StopWalk):
             self.walk(remote_dir, dest, "", 0)
         self.report.files.sort(key=lambda f: f.path)
         self.report.refused.sort(key=lambda r: r.path)
@@ -414,11 +401,11 @@ class SftpHarvester:
             if not isinstance(name, str):
                 self.refuse(prefix + os.fsdecode(name).encode("utf-8", "backslashreplace").decode(), R_NAME_NOT_UTF8)
                 continue
-            rel = prefix + name.encode("unicode_escape").decode("ascii") if _name_problem(name) else prefix + name
+            rel = prefix + name.encode("unicode_escape").decode("ascii") if name_problem(name) else prefix + name
             if depth + 1 > self.limits.max_depth:
                 self.refuse(rel, R_DEPTH, truncated=True)
                 continue
-            problem = _name_problem(name)
+            problem = name_problem(name)
             if problem is not None:
                 self.refuse(rel, problem)
                 continue
@@ -437,7 +424,7 @@ class SftpHarvester:
             elif stat.S_ISREG(mode):
                 self.file(path, local / name, rel, attr)
             else:
-                self.refuse(rel, _type_reason(mode) or R_UNKNOWN_TYPE)
+                self.refuse(rel, type_reason(mode) or R_UNKNOWN_TYPE)
 
     def file(self, path: str, target: Path, rel: str, attr: paramiko.SFTPAttributes) -> None:
         limits = self.limits
