@@ -534,10 +534,11 @@ class Engine:
         state = self._guarded(
             lambda: self.ledger.finish_attempt(claimed.attempt_id, claimed.fence, result, outcome.harvest)
         )
-        try:
-            backend.cleanup(ticket)
-        except Exception:
-            log.exception("cleanup of %s failed", claimed.attempt_id)
+        if state is not None:  # fenced out: the attempt's new owner harvests it, leave its files alone
+            try:
+                backend.cleanup(ticket)
+            except Exception:
+                log.exception("cleanup of %s failed", claimed.attempt_id)
         self._forget(claimed.attempt_id)
         log.info("attempt %s of run %s finished: %s", claimed.attempt_id, claimed.run_id, state)
         return 1

@@ -43,8 +43,8 @@ SERVE_ENV_BASE = {
     "HPC_COMPUTE_SLURM__RUNTIME": "bubblewrap",
     "HPC_COMPUTE_SLURM__BWRAP": "/usr/bin/bwrap",
     "HPC_COMPUTE_SLURM__PYTHON": "/usr/bin/python3",
-    "HPC_COMPUTE_SLURM__RECONCILE_GRACE_S": "5",
-    "HPC_COMPUTE_SLURM__SBATCH_TIMEOUT": "3",
+    "HPC_COMPUTE_SLURM__RECONCILE_GRACE_S": "8",  # > sbatch_timeout: a slow sbatch may still create the job
+    "HPC_COMPUTE_SLURM__SBATCH_TIMEOUT": "4",
     "HPC_COMPUTE_SLURM__COMMAND_TIMEOUT": "15",
     "HPC_COMPUTE_SLURM__MIN_POLL_INTERVAL": "0.3",
     "HPC_COMPUTE_SLURM__ACCOUNTING": "auto",
@@ -308,9 +308,14 @@ class Serve:
 # ledger helpers
 
 
+_MIGRATE_LOCK = threading.Lock()
+
+
 def new_ledger(url: str) -> Ledger:
+    """A migrated ledger on ``url`` (Alembic's command API is not thread-safe: one at a time)."""
     ledger = Ledger(url)
-    ledger.upgrade()
+    with _MIGRATE_LOCK:
+        ledger.upgrade()
     return ledger
 
 

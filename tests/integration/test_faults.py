@@ -128,6 +128,7 @@ SBATCH_BEHAVIOURS = ("ok", "fail", "timeout")
 #: with a timing-out first sbatch the first attempt is adopted by reconciliation, never through
 #: the submit path, so the submit-path crash points are not reached in that cell
 UNREACHABLE = {("after_submit", "timeout"), ("before_mark_submitted", "timeout")}
+SUBMIT_PATH = ("after_submit", "before_mark_submitted")
 
 
 def _cell(pg_admin: Any, root: Path, crash_at: str, behaviour: str) -> dict[str, Any]:
@@ -146,15 +147,17 @@ def _cell(pg_admin: Any, root: Path, crash_at: str, behaviour: str) -> dict[str,
             out["run_id"] = run_id
             crashing = Serve(home, url, env={**env, "HPCC_TEST_CRASH_AT": crash_at})
             serves.append(crashing)
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 150
             while crashing.alive() and not ledger.get_run(run_id).terminal and time.monotonic() < deadline:
                 time.sleep(0.2)
             out["crashed"] = crashing.proc.poll() == 137
+            # a real sbatch slower than sbatch_timeout (a loaded controller) takes the adoption path
+            out["slow_sbatch"] = crashing.log().count("timed out after") > (1 if behaviour == "timeout" else 0)
             if crashing.alive():
                 crashing.terminate()
             second = Serve(home, url, env=env)
             serves.append(second)
-            wait_terminal(ledger, [run_id], 120, f"run of cell {crash_at}/{behaviour}")
+            wait_terminal(ledger, [run_id], 180, f"run of cell {crash_at}/{behaviour}")
             for serve in serves:
                 serve.terminate()
             out["report"] = check_invariants(ledger, [run_id], monitor=monitor, schedulers=serves)
@@ -186,19 +189,25 @@ def test_crash_point_matrix(cluster: Cluster, pg_admin: Any, tmp_path: Path) -> 
             report: Report = out["report"]
             run = out["run"]
             states = [a.state for a in out["attempts"]]
-            figures[key] = {"seconds": out["seconds"], "crashed": out["crashed"], "attempts": states}
+            figures[key] = {
+                "seconds": out["seconds"],
+                "crashed": out["crashed"],
+                "attempts": states,
+                "slow_sbatch": out["slow_sbatch"],
+            }
             problems = report.problems()
             if run.state != RunState.SUCCEEDED:
                 problems["outcome"] = [f"{run.state} {run.failure_kind} {run.failure_message}"]
-            if out["crashed"] != ((crash_at, behaviour) not in UNREACHABLE):
-                problems["crash"] = [f"crashed={out['crashed']}, expected {(crash_at, behaviour) not in UNREACHABLE}"]
+            reachable = (crash_at, behaviour) not in UNREACHABLE
+            if reachable and not out["crashed"] and not (out["slow_sbatch"] and crash_at in SUBMIT_PATH):
+                problems["crash"] = ["the scheduler never reached its crash point"]
             if report.executions != 1:
                 problems["executions"] = [f"{report.executions} executions"]
-            # the expected path
-            if behaviour == "fail" or crash_at == "after_claim":
-                if "not_submitted" not in states:
-                    problems["path"] = [f"expected a tombstoned attempt, got {states}"]
-            elif states != ["finished"]:
+            # the expected path: a crash before sbatch, or a failed sbatch, tombstones the attempt
+            # (a new one runs); everywhere else the one attempt is adopted and finishes
+            if (behaviour == "fail" or crash_at == "after_claim") and "not_submitted" not in states:
+                problems["path"] = [f"expected a tombstoned attempt, got {states}"]
+            if behaviour != "fail" and crash_at != "after_claim" and not out["slow_sbatch"] and states != ["finished"]:
                 problems["path"] = [f"expected one adopted/finished attempt, got {states}"]
             if out["crashed"] and "adopted" not in out["events"]:
                 problems["adopted"] = ["no adopted event after the crash"]
@@ -317,6 +326,11 @@ def test_sigstop_before_sbatch_past_the_lease(cluster: Cluster, scenario: tuple[
         )
         # the stale scheduler did call sbatch (held), and its job never got a node
         lines = [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
+        deadline = time.monotonic() + 60
+        while not lines and time.monotonic() < deadline:  # slurmdbd ingests with a lag
+            time.sleep(2)
+            proc = subprocess.run(proc.args, capture_output=True, text=True, check=True)
+            lines = [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
         never_ran = all(state.startswith("CANCELLED") and nodes == "None assigned" for _, state, nodes in lines)
         assert lines and never_ran, lines
         _record("sigstop_before_sbatch", _summary(report, stale_jobs=len(lines)))
@@ -462,7 +476,11 @@ def test_full_disk_in_the_run_directory(cluster: Cluster, scenario: tuple[str, P
     serves = [Serve(home, url)]
     try:
         with FenceMonitor(url) as monitor:
-            big = submit(ledger, ["/bin/sh", "-c", 'echo "$HPCC_ATTEMPT_ID"; head -c 4000000 /dev/zero > /output/big'])
+            big = submit(
+                ledger,
+                ["/bin/sh", "-c", 'echo "$HPCC_ATTEMPT_ID"; head -c 4000000 /dev/zero > /output/big'],
+                retry={"max_attempts": 1},
+            )
             wait_terminal(ledger, [big], 90, "the run that fills the disk")
             small = submit(ledger, ["/bin/sh", "-c", 'echo "$HPCC_ATTEMPT_ID"; echo ok > /output/small'])
             wait_terminal(ledger, [small], 90, "the small run after it")

@@ -617,6 +617,23 @@ class SlurmBackend(Backend):
             self._scancel(ticket.backend_job_id)
         self._squeue_cache = None
 
+    def cleanup(self, ticket: Ticket) -> None:
+        """After the finish is recorded: free the attempt's ``output/`` (harvested into the
+        artifact store by then) and ``scratch/``, so a job that filled the work root's file system
+        does not keep it full for the next runs. Logs, spec and result stay. Nothing is followed:
+        ``rm -r`` removes symlinks, never their targets."""
+        if self.conf.keep_outputs:
+            return
+        remote = self.remote_dir(ticket)
+        paths = [posixpath.join(remote, sub) for sub in (OUTPUT_DIR, SCRATCH_DIR)]
+        try:
+            result = self.transport.run(["rm", "-rf", "--one-file-system", "--", *paths], self.conf.command_timeout)
+        except BackendUnavailable as exc:
+            log.warning("could not free the outputs of %s: %s", ticket.attempt_id, exc)
+            return
+        if result.returncode != 0:
+            log.warning("could not free the outputs of %s: %s", ticket.attempt_id, _first_line(result.stderr))
+
     def sweep_abandoned(self) -> None:
         """At most every SWEEP_EVERY_S while tags are watched: one squeue by name, cancel what lives."""
         if not self._watch or time.monotonic() - self._last_sweep < max(SWEEP_EVERY_S, self.conf.min_poll_interval):

@@ -92,6 +92,9 @@ class SlurmSettings(BaseModel):
     python: str = "/usr/bin/python3"
     wrapper: str | None = Field(default=None, description="the wrapper's path on the nodes (default: staged copy)")
     allow_requeue: bool = False
+    keep_outputs: bool = Field(
+        default=False, description="keep output/ and scratch/ in the attempt directory after harvest"
+    )
     strict_submit: bool = Field(
         default=True,
         description="submit held (sbatch --hold), commit the job id under the fence, then scontrol release",
