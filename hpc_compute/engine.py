@@ -368,8 +368,7 @@ class Engine:
             return
         tracked.last_state = AttemptState.PENDING
         tracked.pending_since = time.time()
-        tracked.needs_confirm = True
-        self._confirm(tracked)
+        tracked.needs_confirm = True  # confirmed in one batch per cycle by _confirm_committed
 
     def _abandon_if_orphaned(self, backend: Backend, ticket: Ticket) -> None:
         """We created ``ticket.backend_job_id`` but lost the attempt before committing it. Another
@@ -405,9 +404,20 @@ class Engine:
         tracked.needs_confirm = False
 
     def _confirm_committed(self) -> None:
-        for tracked in list(self.tracked.values()):
+        """Confirm every committed-but-unconfirmed job, one batched call per backend."""
+        by_backend: dict[str, list[_Tracked]] = {}
+        for tracked in self.tracked.values():
             if tracked.needs_confirm and tracked.backend_job_id is not None and not tracked.needs_reconcile:
-                self._confirm(tracked)
+                by_backend.setdefault(tracked.claimed.backend, []).append(tracked)
+        for name, items in by_backend.items():
+            try:
+                done = self.backends[name].confirm_many([self._ticket(t) for t in items])
+            except BackendUnavailable as exc:
+                log.warning("confirm on %s failed, will retry: %s", name, exc)
+                continue
+            for tracked in items:
+                if tracked.claimed.attempt_id in done:
+                    tracked.needs_confirm = False
 
     def _reconcile(self) -> int:
         by_backend: dict[str, list[_Tracked]] = {}

@@ -11,12 +11,16 @@ answers into fenced ledger transitions. Two rules every backend keeps:
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from hpc_compute.errors import BackendUnavailable
 from hpc_compute.harvest import HarvestLimits, HarvestReport
 from hpc_compute.spec import FailureKind, JobSpec
+
+log = logging.getLogger("hpc_compute.backends")
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,20 @@ class Backend(abc.ABC):
 
         The Slurm backend in strict mode submits with ``sbatch --hold`` and releases the hold here,
         so a job created by a scheduler that lost its lease never runs."""
+
+    def confirm_many(self, tickets: list[Ticket]) -> set[str]:
+        """Confirm many at once (one call per cycle); return the attempt ids confirmed. The
+        default confirms one by one; a backend with a batched call (``scontrol release a,b,c``)
+        overrides it. A ticket left out is retried next cycle."""
+        done: set[str] = set()
+        for ticket in tickets:
+            try:
+                self.confirm(ticket)
+            except BackendUnavailable as exc:  # the engine retries next cycle
+                log.warning("confirm of %s failed, will retry: %s", ticket.attempt_id, exc)
+                continue
+            done.add(ticket.attempt_id)
+        return done
 
     def abandon(self, ticket: Ticket) -> None:  # noqa: B027 - optional hook
         """Withdraw a job this scheduler created but could not commit (its fenced ``mark_submitted``

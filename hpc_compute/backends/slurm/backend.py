@@ -77,6 +77,7 @@ SCRIPT_FILE = "sbatch.sh"
 WRAPPER_FILE = "hpcc_wrapper.py"
 SLURM_LOGS = ("slurm.out", "slurm.err")
 RESULT_MAX_BYTES = 1 << 20
+TEST_ONLY_CACHE_S = 60.0  # a resource shape sbatch --test-only accepted is not asked again for this long
 LOG_MAX_BYTES = 256 << 20
 _PARSABLE_RE = re.compile(r"^(\d+)(;\S+)?$")
 
@@ -158,6 +159,7 @@ class SlurmBackend(Backend):
         self.max_in_flight = self.conf.max_in_flight
         self._accounting: bool | None = {"on": True, "off": False}.get(self.conf.accounting)
         self._user_name: str | None = None
+        self._test_ok: dict[tuple[object, ...], float] = {}  # resource shape -> --test-only OK until
         #: the last terminal record seen per job id, for collect()
         self._records: dict[str, SlurmRecord] = {}
         #: job ids proved absent (past the grace period, every query succeeded)
@@ -269,7 +271,7 @@ class SlurmBackend(Backend):
             raise SubmitError(f"cannot stage {self.remote_dir(ticket)}: {exc}", definite=True) from exc
         self._squeue_cache = None  # the next poll must see the new job
         if self.conf.strict_submit:
-            self._test_only(script_path)
+            self._test_only_once(ticket, script_path)
         try:
             hold = ["--hold"] if self.conf.strict_submit else []
             result = self._run("sbatch", ["--parsable", *hold, script_path], timeout=self.conf.sbatch_timeout)
@@ -289,6 +291,27 @@ class SlurmBackend(Backend):
         if _REFUSED_MARK in message:
             raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=True)
         raise SubmitError(f"sbatch failed ({result.returncode}): {message}", definite=False)
+
+    def _test_only_once(self, ticket: Ticket, script_path: str) -> None:
+        """``--test-only`` once per resource shape a minute: a sweep of 500 alike runs asks once."""
+        spec = ticket.spec
+        resources, placement = spec.resources, spec.placement
+        shape = (
+            resources.cpus,
+            resources.memory,
+            resources.gpus,
+            resources.gpu_type,
+            resources.time_limit,
+            placement.partition,
+            placement.account,
+            placement.qos,
+            placement.exclusive,
+        )
+        now = time.monotonic()
+        if self._test_ok.get(shape, 0.0) > now:
+            return
+        self._test_only(script_path)
+        self._test_ok[shape] = now + TEST_ONLY_CACHE_S
 
     def _test_only(self, script_path: str) -> None:
         """Strict submit: slurmctld accepts a *held* job it can never run (e.g. more GPUs than any
@@ -609,6 +632,31 @@ class SlurmBackend(Backend):
                 f"scontrol release {ticket.backend_job_id} failed ({result.returncode}): {_first_line(result.stderr)}"
             )
         self._squeue_cache = None
+
+    def confirm_many(self, tickets: list[Ticket]) -> set[str]:
+        """Strict submit: release every committed hold in one ``scontrol release a,b,c`` per chunk.
+        scontrol answers for the whole list; when a chunk fails (one job already gone makes it
+        complain), fall back to one call per job so the others are still released."""
+        held = [t for t in tickets if t.backend_job_id]
+        if not self.conf.strict_submit:
+            return {t.attempt_id for t in tickets}
+        done: set[str] = {t.attempt_id for t in tickets if not t.backend_job_id}
+        chunk = self.conf.sacct_chunk
+        for start in range(0, len(held), chunk):
+            part = held[start : start + chunk]
+            result = self._run("scontrol", ["release", ",".join(t.backend_job_id or "" for t in part)])
+            if result.returncode == 0:
+                done.update(t.attempt_id for t in part)
+                continue
+            for ticket in part:
+                try:
+                    self.confirm(ticket)
+                except BackendUnavailable as exc:
+                    log.warning("release of %s failed, will retry: %s", ticket.backend_job_id, exc)
+                    continue
+                done.add(ticket.attempt_id)
+        self._squeue_cache = None
+        return done
 
     def abandon(self, ticket: Ticket) -> None:
         """Cancel the job we created for an attempt that is no longer ours, and watch its tag."""
