@@ -30,7 +30,7 @@ from typing import IO, TypeVar
 from hpc_compute.backends.base import Backend, FindKind, ObservationKind, Outcome, SubmitError, Ticket
 from hpc_compute.config import Settings
 from hpc_compute.errors import BackendUnavailable, FencedOut, LedgerUnavailable, SchedulerLocked
-from hpc_compute.ledger.states import AttemptState, RunState
+from hpc_compute.ledger.states import AttemptState
 from hpc_compute.ledger.store import AttemptResult, ClaimedAttempt, Ledger, Observed
 from hpc_compute.notify import Notifier
 from hpc_compute.spec import FailureKind
@@ -691,7 +691,7 @@ class Engine:
             changed = self._safe_cycle()
             if on_cycle is not None:
                 on_cycle(self)
-            pending = {r for r in pending if not RunState(self.ledger.get_run(r).state).terminal}
+            pending = self.ledger.nonterminal(pending)
             if not pending:
                 return True
             if deadline is not None and time.monotonic() >= deadline:

@@ -17,7 +17,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from alembic import command
 from hpc_compute.errors import LedgerUnavailable
@@ -50,7 +49,14 @@ def make_engine(url: str) -> Engine:
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, poolclass=NullPool)
+        # A small pool: connections (and their PRAGMAs) are reused; sqlite3 objects may cross
+        # threads because SQLAlchemy hands each to one session at a time.
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            pool_size=5,
+            max_overflow=10,
+        )
         _configure_sqlite(engine)
         return engine
     return create_engine(

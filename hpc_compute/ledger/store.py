@@ -381,6 +381,18 @@ class Ledger:
         matches = session.exec(stmt.limit(2)).all()
         return matches[0] if len(matches) == 1 else run_id
 
+    def nonterminal(self, run_ids: Iterable[str]) -> set[str]:
+        """The subset of ``run_ids`` not yet terminal, in one query per 500 ids."""
+        ids = list(run_ids)
+        out: set[str] = set()
+        terminal = [s.value for s in RunState if s.terminal]
+        with self._session(write=False) as session:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = session.exec(select(Run.id).where(col(Run.id).in_(chunk), col(Run.state).not_in(terminal)))
+                out.update(rows)
+        return out
+
     def list_runs(
         self,
         *,
