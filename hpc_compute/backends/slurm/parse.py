@@ -185,15 +185,24 @@ def latest_by_id(records: list[SlurmRecord]) -> dict[str, SlurmRecord]:
     return out
 
 
+_SCONTROL_KEYS = ("JobId", "JobName", "JobState", "Reason", "ExitCode", "StartTime", "EndTime", "RunTime", "SubmitTime")
+_SCONTROL_RES = {key: re.compile(rf"(?:^|\s){key}=(\S*)") for key in _SCONTROL_KEYS}
+_OUR_NAME = "JobName=" + TAG_PREFIX
+
+
 def _scontrol_value(line: str, key: str) -> str | None:
-    match = re.search(rf"(?:^|\s){key}=(\S*)", line)
+    match = _SCONTROL_RES[key].search(line)
     return match.group(1) if match else None
 
 
-def parse_scontrol(text: str) -> dict[str, SlurmRecord]:
-    """``scontrol show job -o`` output (one job per line) -> records by job id."""
+def parse_scontrol(text: str, *, ours_only: bool = False) -> dict[str, SlurmRecord]:
+    """``scontrol show job -o`` output (one job per line) -> records by job id. ``ours_only``
+    skips, with one substring test, the lines of jobs not named by us (slurmctld may hold
+    thousands of other records)."""
     out: dict[str, SlurmRecord] = {}
     for line in text.splitlines():
+        if ours_only and _OUR_NAME not in line:
+            continue
         job_id = _scontrol_value(line, "JobId")
         state = _scontrol_value(line, "JobState")
         if not job_id or not _JOB_ID_RE.match(job_id) or not state:
