@@ -160,6 +160,8 @@ class Engine:
         self.settings = settings
         self.ledger = ledger
         self.backends = backends if backends is not None else default_backends(settings)
+        for name, backend in self.backends.items():
+            backend.ledger_active_attempts = lambda n=name: self.ledger.active_attempt_ids(n)
         self.scheduler_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tracked: dict[str, _Tracked] = {}
         self.notifier = Notifier(settings, ledger)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -110,6 +111,9 @@ class Backend(abc.ABC):
     name: str = "abstract"
     #: attempts this scheduler keeps in flight on this backend at most (the engine claims no more)
     max_in_flight: int = 100
+    #: set by the engine: the ids of every active attempt of this backend in the ledger, whichever
+    #: scheduler owns them (a sweeper must not take another scheduler's live resources for orphans)
+    ledger_active_attempts: Callable[[], set[str]] | None = None
     #: seconds a submitting attempt must be absent from every query before it counts as not submitted
     reconcile_grace_s: float = 30.0
 

@@ -393,6 +393,16 @@ class Ledger:
                 out.update(rows)
         return out
 
+    def active_attempt_ids(self, backend: str) -> set[str]:
+        """Every active attempt of ``backend``, whichever scheduler owns it."""
+        with self._session(write=False) as session:
+            rows = session.exec(
+                select(Attempt.id).where(
+                    Attempt.backend == backend, col(Attempt.state).in_([s.value for s in ACTIVE_ATTEMPT_STATES])
+                )
+            )
+            return set(rows)
+
     def list_runs(
         self,
         *,

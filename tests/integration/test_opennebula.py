@@ -313,3 +313,24 @@ def test_sigkill_serve_mid_run_then_restart_readopts_by_label(tmp_path: Path, on
         assert one_sim.wait_for(lambda: vm.state == DONE, 10)
     finally:
         client.close()
+
+
+def test_the_sweeper_spares_vms_of_attempts_another_scheduler_owns(tmp_path: Path, one_sim: Simulator) -> None:  # noqa: F811
+    """With several schedulers on one ledger, a VM this scheduler does not track may still be live
+    for another: the sweeper asks the ledger, and only sweeps what no scheduler holds active."""
+    r = _rig(tmp_path, one_sim, "h", sweep_grace_s=0)
+    try:
+        ledger = Ledger(r.settings.ledger_url)
+        run = r.client.submit(_job("/bin/true"))
+        (claimed,) = ledger.claim_queued(
+            "another-scheduler", backends=["opennebula"], limit=1, work_root=str(tmp_path / "w"), lease_s=60
+        )
+        vm = one_sim.create_orphan(f"hpcc-{claimed.attempt_id}")
+        Engine(r.settings, ledger, backends={"opennebula": r.backend})  # wires the ledger into the backend
+        assert r.backend.sweep() == [], "a VM of an attempt active in the ledger is not an orphan"
+        ledger.mark_not_submitted(claimed.attempt_id, claimed.fence, "given up")
+        assert r.backend.sweep() == [vm]
+        assert one_sim.wait_for(lambda: one_sim.vm(vm).state == DONE, 10)
+        ledger.request_cancel(run.id)
+    finally:
+        r.close()

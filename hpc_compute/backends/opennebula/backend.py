@@ -756,8 +756,15 @@ class OpenNebulaBackend(Backend):
             return []
         now = time.monotonic()
         horizon = max(60.0, 3 * self.cfg.sweep_interval_s)
+        in_ledger: set[str] = set()
+        if self.ledger_active_attempts is not None:
+            try:
+                in_ledger = self.ledger_active_attempts()
+            except Exception as exc:  # the ledger is the authority: without it, sweep nothing
+                log.warning("orphan sweep skipped: cannot read the ledger's active attempts: %s", exc)
+                return []
         with self._lock:
-            active = set(self._attempts) | {a for a, seen in self._known.items() if now - seen < horizon}
+            active = set(self._attempts) | {a for a, seen in self._known.items() if now - seen < horizon} | in_ledger
             queued = set(self._terminations)
         swept: list[int] = []
         for vm in views:

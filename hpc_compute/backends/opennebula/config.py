@@ -55,7 +55,7 @@ class OpenNebulaSettings(BaseModel):
     probe_interval_s: float = Field(default=5.0, gt=0, description="SSH status probe of a running job")
     pool_refresh_s: float = Field(default=5.0, gt=0, description="minimum age of the vmpool snapshot")
     sweep_enabled: bool = Field(
-        default=True, description="sweep orphans; off when several schedulers share one OpenNebula user"
+        default=True, description="sweep hpcc-* VMs whose attempt is not active in the ledger"
     )
     sweep_interval_s: float = Field(default=120.0, gt=0, description="orphan sweep at most this often")
     sweep_grace_s: float = Field(default=300.0, ge=0, description="an unknown hpcc-* VM is swept once this old")
