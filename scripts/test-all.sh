@@ -47,6 +47,9 @@ step "tests (Slurm accounting on)"
 HPCC_TEST_SLURM_ACCOUNTING=on run_pytest 60m --durations=20 "$@"
 
 if [ "$#" -eq 0 ]; then
+  step "benchmark smoke (N = 20): hpc-compute finishes every run with one squeue per cycle"
+  timeout 15m python3 bench/run.py --quick --out "$(mktemp -d)/RESULTS.md"
+
   step "Slurm tests again with accounting off (as many sites run)"
   ansible-playbook -i ansible/inventory/localhost.yml ansible/playbooks/dev-cluster.yml \
     -e hpcc_slurm_accounting=false --skip-tags smoke
