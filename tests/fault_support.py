@@ -472,6 +472,10 @@ def _agrees(job: SacctJob, attempt: Any) -> str | None:
         ok = attempt.exit_code == 0 and kind is None
     elif state == "FAILED":
         ok = (attempt.exit_code == int(code) and int(code) != 0) or (attempt.signal is not None and attempt.signal > 0)
+        # FAILED with ExitCode 0:0 contradicts itself: Slurm 22.05 records that in accounting for
+        # jobs that ended while slurmdbd was down (seen in test_slurmdbd_down_while_jobs_finish).
+        # Slurm's record then says "failed, code unknown": the ledger agrees if it failed with a code.
+        ok = ok or (job.exit_code == "0:0" and kind == "exit_code" and attempt.exit_code not in (None, 0))
     elif state == "OUT_OF_MEMORY":
         ok = kind == "oom"
     elif state in ("TIMEOUT", "DEADLINE"):

@@ -372,7 +372,8 @@ def test_slurmctld_restart_and_outage(exclusive: Cluster, scenario: tuple[str, P
             cluster.start_ctld()  # a restart while jobs run and others wait
             # the outage: jobs running through it, jobs pending, and runs submitted while it lasts
             second = [submit(ledger, ["/bin/sh", "-c", 'echo "$HPCC_ATTEMPT_ID"; sleep 4']) for _ in range(3)]
-            wait_for(lambda: any(ledger.get_run(r).state == RunState.RUNNING for r in second), 60, "a second running")
+            # after a restart slurmd re-registers and the queue drains first: give it time
+            wait_for(lambda: any(ledger.get_run(r).state == RunState.RUNNING for r in second), 180, "a second running")
             cluster.stop_ctld()
             down_at = time.monotonic()
             try:

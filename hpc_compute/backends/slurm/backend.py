@@ -101,6 +101,8 @@ PERMANENT_REFUSALS = (
     "User's group not permitted to use this partition",
     "Invalid Trackable RESource (TRES) specification",
 )
+NODE_CONFIG_REFUSAL = "Requested node configuration is not available"
+NODES_NOT_READY_DEFER_S = 15.0
 #: messages after which nobody knows whether slurmctld created the job
 AMBIGUOUS_ERRORS = (
     "Socket timed out",
@@ -287,10 +289,36 @@ class SlurmBackend(Backend):
         if any(marker in message for marker in AMBIGUOUS_ERRORS):
             raise SubmitError(f"sbatch outcome unknown: {message}", definite=False)
         if any(marker in message for marker in PERMANENT_REFUSALS):
-            raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=False)
+            raise self._refusal(message)
         if _REFUSED_MARK in message:
             raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=True)
         raise SubmitError(f"sbatch failed ({result.returncode}): {message}", definite=False)
+
+    def _refusal(self, message: str) -> SubmitError:
+        """A refusal that names the request, e.g. "Requested node configuration is not available",
+        is permanent only while the nodes are really there: right after a slurmctld restart the
+        node is not registered yet and the same words come back for a valid request. Then the run
+        is deferred (no retry burnt) instead of failed."""
+        if NODE_CONFIG_REFUSAL in message and not self._nodes_ready():
+            return SubmitError(
+                f"Slurm cannot place the job now (its nodes are not ready): {message}",
+                definite=True,
+                retryable=True,
+                defer_s=NODES_NOT_READY_DEFER_S,
+            )
+        return SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=False)
+
+    def _nodes_ready(self) -> bool:
+        """Whether every node answers (``sinfo``): none unknown, down, not responding or failing."""
+        try:
+            result = self._run("sinfo", ["-h", "-o", "%T"])
+        except BackendUnavailable:
+            return False
+        states = [line.strip().lower() for line in result.stdout.splitlines() if line.strip()]
+        if result.returncode != 0 or not states:
+            return False
+        bad = ("unknown", "down", "not_responding", "fail", "future", "power")
+        return not any(state.endswith("*") or any(b in state for b in bad) for state in states)
 
     def _test_only_once(self, ticket: Ticket, script_path: str) -> None:
         """``--test-only`` once per resource shape a minute: a sweep of 500 alike runs asks once."""
@@ -326,7 +354,7 @@ class SlurmBackend(Backend):
             return
         message = _first_line(result.stderr) or f"sbatch --test-only exited with {result.returncode}"
         if any(marker in message for marker in PERMANENT_REFUSALS):
-            raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=False)
+            raise self._refusal(message)
         if _REFUSED_MARK in message:
             raise SubmitError(f"Slurm refused the job: {message}", definite=True, retryable=True)
 
