@@ -66,6 +66,14 @@ class SchedulerSettings(_Section):
     poll_interval: float = Field(default=2.0, gt=0, description="seconds between polls when idle")
     min_poll_interval: float = Field(default=0.5, gt=0, description="admin floor")
     lease_seconds: float = Field(default=60.0, gt=0)
+    stall_seconds: Seconds = Field(
+        default=900.0,
+        gt=0,
+        description=(
+            "leases are renewed from a thread of their own while the cycle loop progresses; a loop "
+            "stuck longer than this stops renewing, so another scheduler takes its attempts over"
+        ),
+    )
     submit_batch: int = Field(default=64, ge=1)
     kind_limits: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict,

@@ -30,6 +30,7 @@ from typing import IO, TypeVar
 from hpc_compute.backends.base import Backend, FindKind, ObservationKind, Outcome, SubmitError, Ticket
 from hpc_compute.config import Settings
 from hpc_compute.errors import BackendUnavailable, FencedOut, LedgerUnavailable, SchedulerLocked
+from hpc_compute.leases import LeaseKeeper
 from hpc_compute.ledger.states import AttemptState
 from hpc_compute.ledger.store import AttemptResult, ClaimedAttempt, Ledger, Observed
 from hpc_compute.notify import Notifier
@@ -93,12 +94,14 @@ class _Tracked:
     backend_job_id: str | None
     submitted_at: float | None
     cancel_sent: bool = False
+    needs_submit: bool = False  # claimed, never handed to the backend yet (held while it is unreachable)
     needs_reconcile: bool = False
     needs_confirm: bool = False  # the handle is committed; the backend still has to start it (strict submit)
     errors: int = 0
     last_state: AttemptState = AttemptState.SUBMITTING
     reason: str | None = None
     first_seen: float = field(default_factory=time.time)
+    tracked_at: float = field(default_factory=time.monotonic)  # to read lease renewals begun before it
     pending_since: float | None = None  # the backend accepted it (wall clock)
     running_since: float | None = None
     timeout_reason: str | None = None  # set when the scheduler's time backstop fired
@@ -166,7 +169,13 @@ class Engine:
         self.tracked: dict[str, _Tracked] = {}
         self.notifier = Notifier(settings, ledger)
         self._lock: SchedulerLock | None = None
-        self._last_heartbeat = 0.0
+        self._last_adoption = 0.0
+        self.leases = LeaseKeeper(
+            ledger,
+            self.scheduler_id,
+            lease_s=settings.scheduler.lease_seconds,
+            stall_s=settings.scheduler.stall_seconds,
+        )
         self._stop = threading.Event()
         self._started = False
         self.cycles = 0
@@ -190,12 +199,15 @@ class Engine:
             self._release_lock()
             raise
         self._started = True
-        self._last_heartbeat = time.monotonic()
+        self._last_adoption = time.monotonic()
+        self.leases.progress()
+        self.leases.start()
 
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
+        self.leases.stop()
         if self._started:
             try:
                 self.ledger.unregister_scheduler(self.scheduler_id)
@@ -229,6 +241,7 @@ class Engine:
     def cycle(self) -> int:
         """One pass over everything; returns how many attempts changed (to pace the polling)."""
         self.cycles += 1
+        self.leases.progress()
         self._heartbeat()
         changed = self._claim_and_submit()
         changed += self._reconcile()
@@ -238,6 +251,7 @@ class Engine:
         changed += self._enforce_time_limits()
         self._sweep()
         self._notify()
+        self.leases.progress()
         return changed
 
     def _sweep(self) -> None:
@@ -270,20 +284,24 @@ class Engine:
         return 0
 
     def _heartbeat(self) -> None:
-        """Renew leases every third of a lease; drop attempts another scheduler took over; on a
-        shared ledger, take over attempts whose owner's lease expired (they are then polled or,
-        without a backend handle, reconciled: never blindly resubmitted)."""
+        """Apply the lease keeper's newest renewal (it renews on its own thread, so a cycle blocked
+        on a slow backend keeps its leases): drop attempts another scheduler took over. On a
+        shared ledger, every third of a lease, take over attempts whose owner's lease expired
+        (they are then polled or, without a backend handle, reconciled: never blindly resubmitted)."""
+        self.leases.renew_inline_if_due()
+        renewal = self.leases.take()
+        if renewal is not None:
+            for attempt_id, tracked in list(self.tracked.items()):
+                # an attempt claimed after the renewal's query began may not be in its answer yet
+                if attempt_id not in renewal.owned and tracked.tracked_at < renewal.started:
+                    log.warning("attempt %s is no longer ours (lease lost): dropping it", attempt_id)
+                    self._forget(attempt_id)
         now = time.monotonic()
-        if now - self._last_heartbeat < self.settings.scheduler.lease_seconds / 3:
-            return
         lease = self.settings.scheduler.lease_seconds
-        owned = self.ledger.heartbeat(self.scheduler_id, lease_s=lease)
-        for attempt_id in [a for a in self.tracked if a not in owned]:
-            log.warning("attempt %s is no longer ours (lease lost): dropping it", attempt_id)
-            self._forget(attempt_id)
-        self._last_heartbeat = now
-        if not self.ledger.is_sqlite:
-            self._track_adopted(self.ledger.adopt_active(self.scheduler_id, self.backends, lease, only_expired=True))
+        if self.ledger.is_sqlite or now - self._last_adoption < lease / 3:
+            return
+        self._last_adoption = now
+        self._track_adopted(self.ledger.adopt_active(self.scheduler_id, self.backends, lease, only_expired=True))
 
     def _track_adopted(self, adopted: list[ClaimedAttempt]) -> None:
         for claimed in adopted:
@@ -305,10 +323,17 @@ class Engine:
         in_flight: dict[str, int] = {}
         for tracked in self.tracked.values():
             in_flight[tracked.claimed.backend] = in_flight.get(tracked.claimed.backend, 0) + 1
+        unreachable: set[str] = set()
+        held = 0
+        for tracked in [t for t in self.tracked.values() if t.needs_submit]:
+            self._submit_unless_unreachable(tracked, unreachable)
+            held += 0 if tracked.needs_submit else 1
         claimed: list[ClaimedAttempt] = []
         scheduler = self.settings.scheduler
         for name, backend in self.backends.items():
             limit = min(backend.max_in_flight - in_flight.get(name, 0), scheduler.submit_batch)
+            if name in unreachable or any(t.needs_submit and t.claimed.backend == name for t in self.tracked.values()):
+                continue
             if limit <= 0:
                 continue
             claimed += self.ledger.claim_queued(
@@ -325,8 +350,21 @@ class Engine:
         for item in claimed:
             tracked = _Tracked(claimed=item, backend_job_id=None, submitted_at=time.time())
             self.tracked[item.attempt_id] = tracked
-            self._submit(tracked)
-        return len(claimed)
+            self._submit_unless_unreachable(tracked, unreachable)
+        return len(claimed) + held
+
+    def _submit_unless_unreachable(self, tracked: _Tracked, unreachable: set[str]) -> None:
+        """Submit, unless a submission to the same backend this cycle ended without an answer (a
+        timeout, the controller down): then hold the attempt, claimed and never handed over, for
+        the next cycle, instead of spending one command timeout per attempt."""
+        name = tracked.claimed.backend
+        if name in unreachable:
+            tracked.needs_submit = True
+            return
+        tracked.needs_submit = False
+        self._submit(tracked)
+        if tracked.needs_reconcile:
+            unreachable.add(name)
 
     def _submit(self, tracked: _Tracked) -> None:
         claimed = tracked.claimed

@@ -357,6 +357,56 @@ def test_sigstop_before_sbatch_past_the_lease(cluster: Cluster, scenario: tuple[
 # 4. slurmctld restarted mid-run, then stopped for two minutes
 
 
+@pytest.mark.timeout(420)
+def test_slurmctld_restart_and_outage(exclusive: Cluster, scenario: tuple[str, Path]) -> None:
+    url, home = scenario
+    cluster = exclusive
+    outage = float(os.environ.get("HPCC_CTLD_OUTAGE_S", "120"))
+    ledger = new_ledger(url)
+    serves = [Serve(home, url), Serve(home, url)]
+    try:
+        with FenceMonitor(url) as monitor:
+            first = [submit(ledger, ["/bin/sh", "-c", 'echo "$HPCC_ATTEMPT_ID"; sleep 6']) for _ in range(4)]
+            wait_for(lambda: sum(ledger.get_run(r).state == RunState.RUNNING for r in first) >= 2, 60, "2 running")
+            cluster.stop_ctld()
+            cluster.start_ctld()  # a restart while jobs run and others wait
+            # the outage: jobs running through it, jobs pending, and runs submitted while it lasts
+            second = [submit(ledger, ["/bin/sh", "-c", 'echo "$HPCC_ATTEMPT_ID"; sleep 4']) for _ in range(3)]
+            # after a restart slurmd re-registers and the queue drains first: give it time
+            wait_for(lambda: any(ledger.get_run(r).state == RunState.RUNNING for r in second), 180, "a second running")
+            cluster.stop_ctld()
+            down_at = time.monotonic()
+            try:
+                during = [submit(ledger, ECHO_ATTEMPT) for _ in range(2)]
+                while time.monotonic() - down_at < outage:
+                    for run_id in first + second + during:
+                        run = ledger.get_run(run_id)
+                        assert run.state != RunState.FAILED, f"run failed while slurmctld was down: {run}"
+                    time.sleep(2)
+            finally:
+                cluster.start_ctld()
+            run_ids = first + second + during
+            wait_terminal(ledger, run_ids, 180)
+            for serve in serves:
+                serve.terminate()
+            report = check_invariants(ledger, run_ids, monitor=monitor, schedulers=serves)
+            # neither scheduler died: however long a cycle blocked on Slurm's timeouts, their
+            # leases (renewed on a thread of their own) held, so nothing changed hands
+            takeovers = [e.message for r in run_ids for e in ledger.events(r) if e.kind == "adopted"]
+        _record("slurmctld_restart_and_outage", _summary(report, outage_s=outage, takeovers=len(takeovers)))
+        report.assert_ok()
+        assert report.states == {"succeeded": len(run_ids)}, report.states
+        assert takeovers == [], takeovers
+    finally:
+        for serve in serves:
+            serve.terminate()
+        ledger.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. slurmdbd stopped while jobs finish
+
+
 @pytest.mark.timeout(300)
 def test_slurmdbd_down_while_jobs_finish(exclusive: Cluster, scenario: tuple[str, Path]) -> None:
     url, home = scenario
