@@ -40,7 +40,7 @@ PSIJ_POLL_S = 1
 DRIVER_TIMEOUT = 3600
 
 TOOLS = ("raw-loop", "raw-array", "hpc", "psij", "submitit-loop", "submitit-array")
-EXTRA_TOOLS = ("raw-loop-export-none", "raw-loop-export-nil", "raw-loop-export-path")  # only with --tools: diagnostics
+EXTRA_TOOLS = ("raw-loop-export-none", "raw-loop-export-nil", "raw-loop-export-path", "raw-loop-export-all-clean")  # only with --tools: diagnostics
 PEERS = ("psij", "submitit-loop", "submitit-array")
 
 
@@ -242,6 +242,7 @@ LABEL = {
     "raw-loop-export-none": "raw loop + `--export=NONE`",
     "raw-loop-export-nil": "raw loop + `--export=NIL`",
     "raw-loop-export-path": "raw loop + `--export=PATH=/usr/bin:/bin`",
+    "raw-loop-export-all-clean": "raw loop + `--export=ALL`, scrubbed sbatch env",
     "hpc": "hpc-compute",
     "psij": f"PSI/J (poll {PSIJ_POLL_S} s)",
     "submitit-loop": "submitit loop",

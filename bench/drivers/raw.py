@@ -1,6 +1,7 @@
 """Raw baseline: N x ``sbatch --parsable --wrap true`` (or one ``--array``), then one
-``squeue -h -j <ids>`` every 0.5 s until none is left.  Usage: raw.py loop|loop-export-none|loop-export-nil|loop-export-path|array N MEM_MB
-(loop-export-none: the loop with ``--export=NONE``, as hpc-compute's script has, to isolate its cost)"""
+``squeue -h -j <ids>`` every 0.5 s until none is left.  Usage: raw.py loop|loop-export-none|loop-export-nil|loop-export-path|loop-export-all-clean|array N MEM_MB
+(the export variants isolate the cost of ``--export``; loop-export-all-clean: ``--export=ALL``
+from a scrubbed sbatch environment, as hpc-compute submits)"""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from common import emit, rusage, wait_all_gone
 MAX_ARRAY = 1000  # below Slurm's default MaxArraySize (1001)
 
 
-def sbatch(extra: list[str], mem_mb: int) -> str:
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def sbatch(extra: list[str], mem_mb: int, clean_env: bool = False) -> str:
     argv = ["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", "-c", "1", f"--mem={mem_mb}M",
             "-t", "1", "-J", "bench-raw", *extra, "--wrap", "true"]
-    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    out = subprocess.run(argv, capture_output=True, text=True, check=False, env=CLEAN_ENV if clean_env else None)
     if out.returncode != 0:
         raise RuntimeError(f"sbatch failed: {out.stderr.strip()}")
     return out.stdout.strip().split(";")[0]
@@ -27,11 +31,11 @@ def main() -> None:
     t0 = time.monotonic()
     ids: list[str] = []
     variants = {"loop": [], "loop-export-none": ["--export=NONE"], "loop-export-nil": ["--export=NIL"],
-                "loop-export-path": ["--export=PATH=/usr/bin:/bin"]}
+                "loop-export-path": ["--export=PATH=/usr/bin:/bin"], "loop-export-all-clean": ["--export=ALL"]}
     if mode in variants:
         extra = variants[mode]
         for _ in range(n):
-            ids.append(sbatch(extra, mem_mb))
+            ids.append(sbatch(extra, mem_mb, clean_env=mode == "loop-export-all-clean"))
     else:
         for start in range(0, n, MAX_ARRAY):
             ids.append(sbatch([f"--array=0-{min(n, start + MAX_ARRAY) - start - 1}"], mem_mb))
