@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -170,6 +171,7 @@ class Engine:
         self.notifier = Notifier(settings, ledger)
         self._lock: SchedulerLock | None = None
         self._last_adoption = 0.0
+        self._submit_pool: ThreadPoolExecutor | None = None
         self.leases = LeaseKeeper(
             ledger,
             self.scheduler_id,
@@ -208,6 +210,9 @@ class Engine:
 
     def close(self) -> None:
         self.leases.stop()
+        if self._submit_pool is not None:
+            self._submit_pool.shutdown(wait=True)
+            self._submit_pool = None
         if self._started:
             try:
                 self.ledger.unregister_scheduler(self.scheduler_id)
@@ -319,23 +324,19 @@ class Engine:
             log.info("adopted attempt %s of run %s (%s)", claimed.attempt_id, claimed.run_id, claimed.state)
 
     def _claim_and_submit(self) -> int:
-        """Claim queued runs for each backend up to its in-flight cap, then submit them."""
+        """Claim queued runs for each backend up to its in-flight cap, then submit them (with up
+        to the backend's ``submit_concurrency`` submissions in flight at once)."""
         in_flight: dict[str, int] = {}
         for tracked in self.tracked.values():
             in_flight[tracked.claimed.backend] = in_flight.get(tracked.claimed.backend, 0) + 1
-        unreachable: set[str] = set()
-        held = 0
-        for tracked in [t for t in self.tracked.values() if t.needs_submit]:
-            self._submit_unless_unreachable(tracked, unreachable)
-            held += 0 if tracked.needs_submit else 1
+        held = [t for t in self.tracked.values() if t.needs_submit]
+        holding = {t.claimed.backend for t in held}
         claimed: list[ClaimedAttempt] = []
         scheduler = self.settings.scheduler
         for name, backend in self.backends.items():
             limit = min(backend.max_in_flight - in_flight.get(name, 0), scheduler.submit_batch)
-            if name in unreachable or any(t.needs_submit and t.claimed.backend == name for t in self.tracked.values()):
-                continue
-            if limit <= 0:
-                continue
+            if limit <= 0 or name in holding:
+                continue  # a backend with held submissions gets those through first
             claimed += self.ledger.claim_queued(
                 self.scheduler_id,
                 backends=[name],
@@ -347,68 +348,108 @@ class Engine:
             )
         if claimed:
             crash_point("after_claim")
+        by_backend: dict[str, list[_Tracked]] = {}
+        for tracked in held:
+            by_backend.setdefault(tracked.claimed.backend, []).append(tracked)
         for item in claimed:
             tracked = _Tracked(claimed=item, backend_job_id=None, submitted_at=time.time())
             self.tracked[item.attempt_id] = tracked
-            self._submit_unless_unreachable(tracked, unreachable)
-        return len(claimed) + held
+            by_backend.setdefault(item.backend, []).append(tracked)
+        for name, items in by_backend.items():
+            self._submit_all(self.backends[name], items)
+        return len(claimed) + sum(1 for t in held if not t.needs_submit)
 
-    def _submit_unless_unreachable(self, tracked: _Tracked, unreachable: set[str]) -> None:
-        """Submit, unless a submission to the same backend this cycle ended without an answer (a
-        timeout, the controller down): then hold the attempt, claimed and never handed over, for
-        the next cycle, instead of spending one command timeout per attempt."""
-        name = tracked.claimed.backend
-        if name in unreachable:
-            tracked.needs_submit = True
-            return
-        tracked.needs_submit = False
-        self._submit(tracked)
-        if tracked.needs_reconcile:
-            unreachable.add(name)
+    def _submit_all(self, backend: Backend, items: list[_Tracked]) -> None:
+        """Submit in waves of ``backend.submit_concurrency``; commit each wave's handles in one
+        transaction. A wave in which a submission ended without an answer (a timeout, the
+        controller down) holds the rest, claimed and never handed over, for the next cycle,
+        instead of spending one command timeout per attempt."""
+        width = max(1, backend.submit_concurrency)
+        for start in range(0, len(items), width):
+            wave = items[start : start + width]
+            for tracked in wave:
+                tracked.needs_submit = False
+            results = self._submit_wave(backend, wave)
+            accepted: list[_Tracked] = []
+            for tracked, result in zip(wave, results, strict=True):
+                if isinstance(result, str):
+                    tracked.backend_job_id = result
+                    accepted.append(tracked)
+                else:
+                    self._submission_failed(backend, tracked, result)
+            if accepted:
+                crash_point("after_submit")
+                crash_point("before_mark_submitted")
+                self._commit_handles(backend, accepted)
+            if any(t.needs_reconcile for t in wave):
+                for rest in items[start + width :]:
+                    rest.needs_submit = True
+                return
 
-    def _submit(self, tracked: _Tracked) -> None:
-        claimed = tracked.claimed
-        backend = self.backends[claimed.backend]
-        ticket = self._ticket(tracked)
+    def _submit_wave(self, backend: Backend, wave: list[_Tracked]) -> list[str | Exception]:
+        tickets = [self._ticket(t) for t in wave]
+        if len(tickets) == 1:
+            return [self._submit_one(backend, tickets[0])]
+        if self._submit_pool is None:
+            width = max(b.submit_concurrency for b in self.backends.values())
+            self._submit_pool = ThreadPoolExecutor(max_workers=max(1, width), thread_name_prefix="submit")
+        return list(self._submit_pool.map(lambda t: self._submit_one(backend, t), tickets))
+
+    @staticmethod
+    def _submit_one(backend: Backend, ticket: Ticket) -> str | Exception:
+        """The backend call alone (thread-safe: no ledger write); its error is returned, not raised."""
         pause_point("before_sbatch")
         try:
-            job_id = backend.submit(ticket)
-        except SubmitError as exc:
-            if exc.definite and exc.defer_s is not None:
-                log.info("attempt %s deferred by %s: %s", claimed.attempt_id, backend.name, exc)
-                self._forget(claimed.attempt_id)
-                note, base = str(exc), exc.defer_s
-                self._guarded(lambda: self.ledger.defer_attempt(claimed.attempt_id, claimed.fence, note, base_s=base))
-                return
-            if exc.definite:
-                log.warning("attempt %s refused by %s: %s", claimed.attempt_id, backend.name, exc)
-                self._forget(claimed.attempt_id)
-                message, retryable = str(exc), exc.retryable
-                self._guarded(
-                    lambda: self.ledger.fail_submission(claimed.attempt_id, claimed.fence, message, retryable=retryable)
-                )
-            else:
-                log.warning("attempt %s: submission outcome unknown (%s); reconciling", claimed.attempt_id, exc)
-                tracked.needs_reconcile = True
-            return
-        except Exception as exc:
-            log.exception("attempt %s: submit crashed; reconciling", claimed.attempt_id)
+            return backend.submit(ticket)
+        except Exception as exc:  # every failure is judged by _submission_failed
+            return exc
+
+    def _submission_failed(self, backend: Backend, tracked: _Tracked, exc: Exception) -> None:
+        claimed = tracked.claimed
+        if not isinstance(exc, SubmitError):
+            log.error("attempt %s: submit crashed; reconciling", claimed.attempt_id, exc_info=exc)
             tracked.needs_reconcile = True
             tracked.reason = str(exc)
-            return
-        crash_point("after_submit")
-        tracked.backend_job_id = job_id
-        crash_point("before_mark_submitted")
-        try:
-            self.ledger.mark_submitted(claimed.attempt_id, claimed.fence, job_id)
-        except FencedOut as exc:
-            log.warning("fenced out: %s", exc)
+        elif exc.definite and exc.defer_s is not None:
+            log.info("attempt %s deferred by %s: %s", claimed.attempt_id, backend.name, exc)
             self._forget(claimed.attempt_id)
-            self._abandon_if_orphaned(backend, replace(ticket, backend_job_id=job_id))
+            note, base = str(exc), exc.defer_s
+            self._guarded(lambda: self.ledger.defer_attempt(claimed.attempt_id, claimed.fence, note, base_s=base))
+        elif exc.definite:
+            log.warning("attempt %s refused by %s: %s", claimed.attempt_id, backend.name, exc)
+            self._forget(claimed.attempt_id)
+            message, retryable = str(exc), exc.retryable
+            self._guarded(
+                lambda: self.ledger.fail_submission(claimed.attempt_id, claimed.fence, message, retryable=retryable)
+            )
+        else:
+            log.warning("attempt %s: submission outcome unknown (%s); reconciling", claimed.attempt_id, exc)
+            tracked.needs_reconcile = True
+
+    def _commit_handles(self, backend: Backend, accepted: list[_Tracked]) -> None:
+        """Commit the backend handles of one wave under their fences. A stale fence: the attempt is
+        another scheduler's now, so withdraw our job unless it adopted it. The ledger unreachable:
+        nobody knows whether the commit landed, so reconcile (the job is found by its tag; under
+        strict submission it stays held until its handle is committed)."""
+        handles = [(t.claimed.attempt_id, t.claimed.fence, t.backend_job_id or "") for t in accepted]
+        try:
+            stale = set(self.ledger.mark_submitted_many(handles))
+        except LedgerUnavailable as exc:
+            log.warning("could not commit %d job handles (%s); reconciling them", len(accepted), exc)
+            for tracked in accepted:
+                tracked.backend_job_id = None
+                tracked.needs_reconcile = True
             return
-        tracked.last_state = AttemptState.PENDING
-        tracked.pending_since = time.time()
-        tracked.needs_confirm = True  # confirmed in one batch per cycle by _confirm_committed
+        now = time.time()
+        for tracked in accepted:
+            if tracked.claimed.attempt_id in stale:
+                log.warning("fenced out: attempt %s is no longer ours", tracked.claimed.attempt_id)
+                self._forget(tracked.claimed.attempt_id)
+                self._abandon_if_orphaned(backend, self._ticket(tracked))
+                continue
+            tracked.last_state = AttemptState.PENDING
+            tracked.pending_since = now
+            tracked.needs_confirm = True  # confirmed in one batch per cycle by _confirm_committed
 
     def _abandon_if_orphaned(self, backend: Backend, ticket: Ticket) -> None:
         """We created ``ticket.backend_job_id`` but lost the attempt before committing it. Another

@@ -114,6 +114,8 @@ class Backend(abc.ABC):
     #: set by the engine: the ids of every active attempt of this backend in the ledger, whichever
     #: scheduler owns them (a sweeper must not take another scheduler's live resources for orphans)
     ledger_active_attempts: Callable[[], set[str]] | None = None
+    #: submissions the engine may have in flight at once (submit() must be thread-safe when > 1)
+    submit_concurrency: int = 1
     #: seconds a submitting attempt must be absent from every query before it counts as not submitted
     reconcile_grace_s: float = 30.0
 

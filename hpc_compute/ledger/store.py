@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, inspect, text, update
 from sqlalchemy import select as sa_select
@@ -35,6 +35,7 @@ MAX_REFUSALS_IN_EVENT = 200
 OUTBOX_RUN_STATE = "run.state"
 CLAIM_LOCK_KEY = 0x68706363_636C6D  # pg_advisory_xact_lock key serialising capped claims ("hpcc" "clm")
 CLAIM_ROUNDS = 3
+_T = TypeVar("_T")
 
 
 def utcnow() -> datetime:
@@ -127,6 +128,19 @@ class OutboxInfo:
     last_error: str | None
 
 
+IN_CHUNK = 500  # ids per IN list: well below SQLite's (32766) and psycopg's (65535) parameter limits
+
+
+def _chunks(items: list[_T], size: int = IN_CHUNK) -> Iterator[list[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _label_text(key: str, value: str) -> str:
+    """How the pair ``key: value`` appears in ``hpcc_run.labels_json`` (``json.dumps`` defaults)."""
+    return f"{json.dumps(key)}: {json.dumps(value)}"
+
+
 def _parse_targets(text: str | None) -> list[int]:
     return [int(part) for part in (text or "").split(",") if part.strip().isdigit()]
 
@@ -140,10 +154,12 @@ def transition(
     attempt_id: str | None = None,
     message: str | None = None,
     data: dict[str, Any] | None = None,
+    notices: Notices | None = None,
 ) -> None:
     """The one place a run changes state: checks the state machine, appends the event and, in
     the same transaction, the outbox row that notifies about it (so no state change can commit
-    without its notification, and no notification exists for a change that rolled back)."""
+    without its notification, and no notification exists for a change that rolled back).
+    With ``notices`` the outbox row is written by ``notices.write`` (batched writes)."""
     current = RunState(run.state)
     check_transition(current, target)
     if current == target:
@@ -166,16 +182,39 @@ def transition(
     if target.terminal:
         run.finished_at = at
         run.pending_reason = None
-    _outbox(session, run, event, previous=current.value, data=data)
+    if notices is None:
+        _outbox(session, run, event, previous=current.value, data=data)
+    else:
+        notices.add(run, event, previous=current.value, data=data)
 
 
-def _outbox(session: Session, run: Run, event: Event, *, previous: str | None, data: dict[str, Any] | None) -> None:
-    """Queue the notification of ``event`` (a state change of ``run``) in the current transaction.
+class Notices:
+    """The outbox rows of many state changes in one transaction. :func:`transition` needs each
+    event's id for its outbox row; one flush per change costs a round trip per run (and, on
+    Postgres, one INSERT per event). Handed a ``Notices``, it only remembers the payload (taken
+    at once, so later changes of the run cannot alter it); :meth:`write` then flushes once (every
+    event in one batched INSERT) and adds the outbox rows. Call it before the transaction ends."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, Event, dict[str, Any]]] = []
+
+    def add(self, run: Run, event: Event, *, previous: str | None, data: dict[str, Any] | None) -> None:
+        self._items.append((run.id, event, _payload(run, event, previous=previous, data=data)))
+
+    def write(self, session: Session) -> None:
+        if not self._items:
+            return
+        session.flush()  # assigns every event's id, in one batched INSERT
+        for run_id, event, payload in self._items:
+            _outbox_row(session, run_id, event, payload)
+        self._items.clear()
+
+
+def _payload(run: Run, event: Event, *, previous: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
+    """The notification of ``event`` (a state change of ``run``), without its ``event_id``.
 
     The payload's failure fields come from the event data when it carries them (a retry: the run
     itself is not failed, its attempt is), else from the run."""
-    if event.id is None:
-        session.flush()  # assigns event.id
     facts = data or {}
     payload = {
         "run_id": run.id,
@@ -188,13 +227,17 @@ def _outbox(session: Session, run: Run, event: Event, *, previous: str | None, d
         "attempt_id": event.attempt_id,
         "message": event.message,
         "at": event.at.astimezone(UTC).isoformat(),
-        "event_id": event.id,
     }
     if "not_before" in facts:
         payload["not_before"] = facts["not_before"]
+    return payload
+
+
+def _outbox_row(session: Session, run_id: str, event: Event, payload: dict[str, Any]) -> None:
+    payload["event_id"] = event.id
     session.add(
         Outbox(
-            run_id=run.id,
+            run_id=run_id,
             event_id=event.id,
             kind=OUTBOX_RUN_STATE,
             payload_json=json.dumps(payload, sort_keys=True),
@@ -203,6 +246,14 @@ def _outbox(session: Session, run: Run, event: Event, *, previous: str | None, d
             next_attempt_at=event.at,
         )
     )
+
+
+def _outbox(session: Session, run: Run, event: Event, *, previous: str | None, data: dict[str, Any] | None) -> None:
+    """Queue the notification of ``event`` (a state change of ``run``) in the current transaction."""
+    payload = _payload(run, event, previous=previous, data=data)
+    if event.id is None:
+        session.flush()  # assigns event.id
+    _outbox_row(session, run.id, event, payload)
 
 
 def _event(session: Session, run_id: str, kind: str, at: datetime, **fields: Any) -> None:
@@ -421,10 +472,28 @@ class Ledger:
                 stmt = stmt.where(col(Run.state).in_(state_values))
             if updated_since is not None:
                 stmt = stmt.where(Run.updated_at >= updated_since)
-            stmt = stmt.order_by(col(Run.created_at).desc(), col(Run.id).desc()).limit(limit if not labels else None)
-            rows = [RunInfo.from_row(r) for r in session.exec(stmt)]
-        if labels:
-            rows = [r for r in rows if all(r.labels.get(k) == v for k, v in labels.items())][:limit]
+            stmt = stmt.order_by(col(Run.created_at).desc(), col(Run.id).desc())
+            if not labels:
+                return [RunInfo.from_row(r) for r in session.exec(stmt.limit(limit))]
+            # Labels live in a JSON text column: narrow down in SQL by the exact text each pair has
+            # there (json.dumps with sort_keys, as written), then check the pairs on the decoded
+            # labels; page on until ``limit`` matched, so no more rows than needed are ever read.
+            for key, value in labels.items():
+                stmt = stmt.where(col(Run.labels_json).contains(_label_text(key, value), autoescape=True))
+            rows: list[RunInfo] = []
+            page = max(limit, 50)
+            offset = 0
+            while len(rows) < limit:
+                batch = session.exec(stmt.offset(offset).limit(page)).all()
+                for row in batch:
+                    found = json.loads(row.labels_json)
+                    if all(found.get(k) == v for k, v in labels.items()):
+                        rows.append(RunInfo.from_row(row))
+                        if len(rows) == limit:
+                            break
+                if len(batch) < page:
+                    break
+                offset += page
         return rows
 
     def request_cancel(self, run_id: str, owner: str | None = None) -> RunInfo:
@@ -640,10 +709,10 @@ class Ledger:
                 runs += locked
                 if len(candidates) < fetch and len(locked) == len(chosen):
                     break  # every eligible run was considered
+            previous = self._attempt_counts(session, [run.id for run in runs])
+            notices = Notices()
             for run in runs:
-                number = (
-                    session.exec(select(func.count()).select_from(Attempt).where(Attempt.run_id == run.id)).one() + 1
-                )
+                number = previous.get(run.id, 0) + 1
                 attempt_id = new_id()
                 attempt = Attempt(
                     id=attempt_id,
@@ -663,10 +732,42 @@ class Ledger:
                 run.pending_reason = None
                 run.not_before = None
                 transition(
-                    session, run, RunState.SUBMITTING, at=now, attempt_id=attempt_id, message=f"attempt {number}"
+                    session,
+                    run,
+                    RunState.SUBMITTING,
+                    at=now,
+                    attempt_id=attempt_id,
+                    message=f"attempt {number}",
+                    notices=notices,
                 )
                 out.append(self._claimed(attempt, run))
+            notices.write(session)
         return out
+
+    @staticmethod
+    def _attempt_counts(session: Session, run_ids: list[str]) -> dict[str, int]:
+        """How many attempts each run has had (one grouped query per chunk, not one per run)."""
+        out: dict[str, int] = {}
+        for chunk in _chunks(run_ids):
+            rows = session.exec(
+                select(Attempt.run_id, func.count())
+                .where(col(Attempt.run_id).in_(chunk))
+                .group_by(col(Attempt.run_id))
+            ).all()
+            out.update({run_id: int(n) for run_id, n in rows})
+        return out
+
+    @staticmethod
+    def _load_fenced(session: Session, attempt_ids: Sequence[str]) -> list[Any]:
+        """Load these attempts and their runs into the session, in one query per chunk, so that
+        the :meth:`_fenced` look-ups of a batch find them without a query each. The caller keeps
+        the returned rows while it works: the session's identity map holds objects weakly."""
+        loaded: list[Any] = []
+        for chunk in _chunks(list(dict.fromkeys(attempt_ids))):
+            loaded += session.exec(
+                select(Attempt, Run).join(Run, col(Run.id) == col(Attempt.run_id)).where(col(Attempt.id).in_(chunk))
+            ).all()
+        return loaded
 
     @staticmethod
     def _active_counts(session: Session, key: Any, values: list[str] | None) -> dict[str, int]:
@@ -793,6 +894,37 @@ class Ledger:
                 data={"backend_job_id": backend_job_id},
             )
 
+    def mark_submitted_many(self, handles: Sequence[tuple[str, int, str]]) -> list[str]:
+        """Many ``mark_submitted`` in one transaction: (attempt id, fence, backend job id) each.
+        Returns the attempt ids whose fence was stale (nothing was written for those)."""
+        if not handles:
+            return []
+        now = utcnow()
+        stale: list[str] = []
+        with self._session(write=True) as session:
+            for attempt_id, fence, backend_job_id in handles:
+                try:
+                    attempt, run = self._fenced(session, attempt_id, fence)
+                except FencedOut:
+                    stale.append(attempt_id)
+                    continue
+                if attempt.state != AttemptState.SUBMITTING.value:
+                    continue
+                attempt.state = AttemptState.PENDING.value
+                attempt.backend_job_id = backend_job_id
+                attempt.submitted_at = now
+                run.backend_job_id = backend_job_id
+                transition(
+                    session,
+                    run,
+                    RunState.PENDING,
+                    at=now,
+                    attempt_id=attempt_id,
+                    message=f"submitted as {backend_job_id}",
+                    data={"backend_job_id": backend_job_id},
+                )
+        return stale
+
     def mark_not_submitted(self, attempt_id: str, fence: int, reason: str) -> None:
         """Reconciliation proved the backend never created the attempt: tombstone it, requeue the run
         without counting the attempt against the run's limit."""
@@ -845,6 +977,8 @@ class Ledger:
         now = utcnow()
         stale: list[str] = []
         with self._session(write=True) as session:
+            loaded = self._load_fenced(session, [item.attempt_id for item in observed])
+            notices = Notices()
             for item in observed:
                 try:
                     attempt, run = self._fenced(session, item.attempt_id, item.fence)
@@ -858,11 +992,13 @@ class Ledger:
                     attempt.started_at = attempt.started_at or now
                     if attempt.submitted_at is None:
                         attempt.submitted_at = now
-                    transition(session, run, RunState.RUNNING, at=now, attempt_id=attempt.id)
+                    transition(session, run, RunState.RUNNING, at=now, attempt_id=attempt.id, notices=notices)
                     run.pending_reason = None
                 elif item.state == AttemptState.PENDING and item.reason != run.pending_reason:
                     run.pending_reason = (item.reason or "")[:256] or None
                     run.updated_at = now
+            notices.write(session)
+            del loaded
         return stale
 
     def record_event(self, run_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -1022,6 +1158,9 @@ class Ledger:
             return
         with self._session(write=True) as session:
             now = self.db_now(session)
+            loaded: list[Outbox] = []  # held while we work: the identity map holds rows weakly
+            for chunk in _chunks(list({item.outbox_id for item in results})):
+                loaded += session.exec(select(Outbox).where(col(Outbox.id).in_(chunk))).all()  # one query, not per row
             for item in results:
                 row = session.get(Outbox, item.outbox_id)
                 if row is None or row.delivered_at is not None:

@@ -255,3 +255,67 @@ def test_an_unanswered_submission_holds_the_rest_of_the_batch(
         assert len(handles) == 3
     finally:
         engine.close()
+
+
+# -- concurrent submission, handles committed per wave -------------------------------------------
+
+
+class ConcurrentBackend(UnreachableBackend):
+    """Reachable; each submission takes a while; records how many ran at once."""
+
+    submit_concurrency = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reachable = True
+        self._mutex = threading.Lock()
+        self._now = 0
+        self.peak = 0
+
+    def submit(self, ticket: Ticket) -> str:
+        with self._mutex:
+            self._now += 1
+            self.peak = max(self.peak, self._now)
+        time.sleep(0.2)
+        with self._mutex:
+            self._now -= 1
+        return super().submit(ticket)
+
+
+def test_submissions_run_concurrently_up_to_the_backend_width(
+    ledger: Ledger, ledger_url: str, tmp_path: Path
+) -> None:
+    runs = ledger.create_runs([_job() for _ in range(10)], "alice")
+    backend = ConcurrentBackend()
+    engine = Engine(_settings(tmp_path, ledger_url, "a"), Ledger(ledger_url), backends={"local": backend})
+    try:
+        started = time.monotonic()
+        engine.cycle()
+        elapsed = time.monotonic() - started
+        assert backend.submits == 10 and backend.peak == 4
+        assert elapsed < 10 * 0.2, "the submissions ran one after another"
+        states = {ledger.get_run(r.id).state.value for r in runs}
+        assert states == {"pending"}
+        assert {ledger.get_run(r.id).backend_job_id for r in runs} == {
+            t.backend_job_id for t in engine.tracked.values()
+        }
+    finally:
+        engine.close()
+
+
+def test_mark_submitted_many_skips_stale_fences(ledger: Ledger) -> None:
+    ledger.create_runs([_job() for _ in range(3)], "alice")
+    claimed = ledger.claim_queued("me", backends=["local"], limit=3, work_root="/w", lease_s=30)
+    first, second, third = claimed
+    stale = ledger.mark_submitted_many(
+        [
+            (first.attempt_id, first.fence, "j1"),
+            (second.attempt_id, second.fence + 7, "j2"),
+            (third.attempt_id, third.fence, "j3"),
+        ]
+    )
+    assert stale == [second.attempt_id]
+    assert ledger.get_run(first.run_id).backend_job_id == "j1"
+    assert ledger.get_run(second.run_id).state.value == "submitting"
+    assert ledger.get_run(second.run_id).backend_job_id is None
+    assert ledger.get_run(third.run_id).state.value == "pending"

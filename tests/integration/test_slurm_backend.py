@@ -146,7 +146,10 @@ class ShimTransport(Transport):
         self.programs: list[str] = []
 
     def run(self, argv: list[str], timeout: float, input: bytes | None = None) -> CommandResult:
-        program = Path(argv[0]).name
+        command = argv
+        if Path(argv[0]).name == "env":  # env -i NAME=value ... program args (a scrubbed sbatch)
+            command = [a for a in argv[1:] if a != "-i" and "=" not in a.split("/")[0]]
+        program = Path(command[0]).name
         self.programs.append(program)
         how = self.failing.get(program)
         if how == "raise":
@@ -343,6 +346,36 @@ def test_core_outcomes(
     # one squeue per poll, never one per job
     polls = h.shim.programs.count("squeue")
     assert polls <= h.engine.cycles + 2
+
+
+@pytest.mark.parametrize("export_env", ["scrubbed", "none"])
+def test_no_scheduler_environment_reaches_the_job(
+    harness: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export_env: str
+) -> None:
+    """The scheduler's environment (ledger URL, tokens) never reaches a job: the interpreter the
+    job script execs is a shim that records the job's own environment, then runs the wrapper."""
+    monkeypatch.setenv("HPCC_LEAK_CANARY", "s3cret-ledger-password")
+    shim = tmp_path / f"python-shim-{export_env}"
+    shim.write_text('#!/bin/sh\n/usr/bin/env > "$2/job-env.txt"\nexec /usr/bin/python3 "$@"\n')
+    shim.chmod(0o755)
+    h = harness(python=str(shim), export_env=export_env)
+    run_id = h.submit(["/bin/true"])
+    h.drive([run_id], 120)
+    assert h.run(run_id).state == RunState.SUCCEEDED, h.run(run_id)
+    attempt = h.ledger.latest_attempt(run_id)
+    assert attempt is not None
+    lines = (Path(attempt.attempt_dir) / "job-env.txt").read_text().splitlines()
+    job_env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert "HPCC_LEAK_CANARY" not in job_env and "s3cret" not in " ".join(job_env.values())
+    assert job_env.get("SLURM_JOB_ID") == h.run(run_id).backend_job_id
+    if export_env == "scrubbed":
+        # besides Slurm's own variables only what slurmd and the shell add, and our PATH and LANG
+        allowed = {"PATH", "LANG", "SLURM_CONF", "PWD", "SHLVL", "_", "ENVIRONMENT", "HOSTNAME", "TMPDIR"}
+        foreign = sorted(k for k in job_env if k not in allowed and not k.startswith(("SLURM", "CUDA_", "GPU_")))
+        assert foreign == [], foreign
+        assert job_env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    # (with --export=NONE, Slurm 22.05 loads the job user's *login* environment on the node, as
+    # --get-user-env does: that is what makes every job start slower; it is not ours to check)
 
 
 def test_gpus_beyond_the_largest_node_refused_early(harness: Callable[..., Harness]) -> None:

@@ -71,6 +71,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     "exclusive": ({"placement": {"exclusive": True}, "resources": {"cpus": 2}}, {}),
+    "export_none": ({}, {"export_env": "none"}),
 }
 
 
@@ -98,7 +99,8 @@ def test_cpu_job_directives() -> None:
     lines = sbatch_directives(script)
     assert f"#SBATCH --job-name=hpcc-{ATTEMPT}" in lines
     assert f"#SBATCH --comment=hpcc:{ATTEMPT}" in lines
-    assert "#SBATCH --export=NONE" in lines and "#SBATCH --no-requeue" in lines
+    # sbatch runs scrubbed (env -i), so ALL exports nothing of the scheduler's environment
+    assert "#SBATCH --export=ALL" in lines and "#SBATCH --no-requeue" in lines
     assert "#SBATCH --cpus-per-task=3" in lines and "#SBATCH --mem=1024M" in lines
     assert "#SBATCH --time=0-00:02:00" in lines  # rounded up to whole minutes
     assert f"#SBATCH --output={ATTEMPT_DIR}/slurm.out" in lines
@@ -170,6 +172,11 @@ def test_extra_options_need_the_allow_list_and_a_safe_value() -> None:
         SlurmSettings.from_mapping({"allowed_extra_options": ["output"]})
     with pytest.raises(ConfigError):
         SlurmSettings.from_mapping({"partition": "a;b"})
+    for bad_path in ("usr/bin", "/usr/bin:$HOME/bin", "/usr/bin\n/x", "/usr/bin;id", ""):
+        with pytest.raises(ConfigError, match="job_path"):
+            SlurmSettings.from_mapping({"job_path": bad_path})
+    with pytest.raises(ConfigError, match="export_env"):
+        SlurmSettings.from_mapping({"export_env": "all"})
 
 
 def test_partition_outside_the_site_list_is_refused() -> None:

@@ -159,6 +159,7 @@ class SlurmBackend(Backend):
         self.transport = transport if transport is not None else make_transport(self.conf)
         self.reconcile_grace_s = self.conf.reconcile_grace_s
         self.max_in_flight = self.conf.max_in_flight
+        self.submit_concurrency = self.conf.submit_parallel
         self._accounting: bool | None = {"on": True, "off": False}.get(self.conf.accounting)
         self._user_name: str | None = None
         self._test_ok: dict[tuple[object, ...], float] = {}  # resource shape -> --test-only OK until
@@ -178,9 +179,31 @@ class SlurmBackend(Backend):
     def _bin(self, program: str) -> str:
         return posixpath.join(self.conf.bin_dir, program) if self.conf.bin_dir else program
 
-    def _run(self, program: str, args: list[str], *, timeout: float | None = None) -> CommandResult:
+    def _run(
+        self, program: str, args: list[str], *, timeout: float | None = None, scrubbed: bool = False
+    ) -> CommandResult:
+        """Run a Slurm command. ``scrubbed``: under ``env -i`` with only PATH, LANG and SLURM_CONF,
+        so nothing of this process's environment (ledger URL, tokens) can reach a job through
+        ``--export=ALL``."""
         self.calls[program] += 1
-        return self.transport.run([self._bin(program), *args], timeout or self.conf.command_timeout)
+        argv = [self._bin(program), *args]
+        if scrubbed:
+            argv = [*self._scrubbed_env(), self._resolved(program), *args]
+        return self.transport.run(argv, timeout or self.conf.command_timeout)
+
+    def _scrubbed_env(self) -> list[str]:
+        env = ["env", "-i", f"PATH={self.conf.job_path}", "LANG=C.UTF-8"]
+        slurm_conf = os.environ.get("SLURM_CONF") if not self.transport.remote else None
+        if slurm_conf:
+            env.append(f"SLURM_CONF={slurm_conf}")
+        return env
+
+    def _resolved(self, program: str) -> str:
+        """The command's absolute path where we can tell it (a scrubbed PATH may not reach it)."""
+        path = self._bin(program)
+        if not posixpath.isabs(path) and not self.transport.remote:
+            return shutil.which(path) or path
+        return path
 
     def remote_dir(self, ticket: Ticket) -> str:
         """The attempt directory as the cluster sees it."""
@@ -276,7 +299,12 @@ class SlurmBackend(Backend):
             self._test_only_once(ticket, script_path)
         try:
             hold = ["--hold"] if self.conf.strict_submit else []
-            result = self._run("sbatch", ["--parsable", *hold, script_path], timeout=self.conf.sbatch_timeout)
+            result = self._run(
+                "sbatch",
+                ["--parsable", *hold, script_path],
+                timeout=self.conf.sbatch_timeout,
+                scrubbed=self.conf.export_env == "scrubbed",
+            )
         except BackendUnavailable as exc:
             raise SubmitError(f"sbatch outcome unknown: {exc}", definite=False) from exc
         stdout = result.stdout.strip()

@@ -102,6 +102,16 @@ class SlurmSettings(BaseModel):
     allowed_extra_options: tuple[str, ...] = ()
     extra_sbatch_options: dict[str, str] = Field(default_factory=dict)
     max_in_flight: int = Field(default=1000, ge=1, description="jobs one scheduler keeps submitted at most")
+    submit_parallel: int = Field(default=4, ge=1, le=64, description="sbatch calls one scheduler runs at once")
+    export_env: Literal["scrubbed", "none"] = Field(
+        default="scrubbed",
+        description=(
+            "how no scheduler environment reaches a job: 'scrubbed' runs sbatch under 'env -i' with only "
+            "PATH (job_path), LANG and SLURM_CONF, with --export=ALL; 'none' uses --export=NONE, which "
+            "Slurm 22.05 pays for with a slower start of every job (see bench/RESULTS.md)"
+        ),
+    )
+    job_path: str = Field(default="/usr/local/bin:/usr/bin:/bin", description="PATH of a job (export_env=scrubbed)")
     min_poll_interval: float = Field(default=1.0, ge=0)
     sacct_chunk: int = Field(default=200, ge=1, le=5000)
     reconcile_grace_s: float = Field(default=120.0, ge=0)
@@ -120,6 +130,13 @@ class SlurmSettings(BaseModel):
     @classmethod
     def _site(cls, value: str | None) -> str | None:
         return _site_value(value, "this value")
+
+    @field_validator("job_path")
+    @classmethod
+    def _path_list(cls, value: str) -> str:
+        if not re.fullmatch(r"/[A-Za-z0-9_./+-]*(:/[A-Za-z0-9_./+-]*)*", value):
+            raise ValueError("must be absolute directories separated by ':' (letters, digits, _ . / + - only)")
+        return value
 
     @field_validator("partitions")
     @classmethod

@@ -106,6 +106,12 @@ def option_value(value: Any) -> str:
     return value
 
 
+def export_mode(value: Any) -> str:
+    if value not in ("ALL", "NONE"):
+        raise ScriptValueError("export_env", f"{value!r} is not ALL or NONE")
+    return str(value)
+
+
 def unknown_gpu_style(value: Any) -> str:
     raise ScriptValueError("gpu_style", f"{value!r} is not one of {', '.join(GPU_STYLES)}")
 
@@ -121,6 +127,7 @@ FILTERS = {
     "option_name": option_name,
     "option_value": option_value,
     "unknown_gpu_style": unknown_gpu_style,
+    "export_mode": export_mode,
 }
 
 
@@ -158,6 +165,7 @@ class ScriptValues:
     qos: str | None = None
     exclusive: bool = False
     allow_requeue: bool = False
+    export: str = "ALL"  # ALL (sbatch runs in a scrubbed environment) or NONE
     extra_options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def context(self) -> dict[str, Any]:
@@ -177,6 +185,7 @@ class ScriptValues:
             "qos": self.qos,
             "exclusive": bool(self.exclusive),
             "allow_requeue": bool(self.allow_requeue),
+            "export": self.export,
             "extra_options": list(self.extra_options),
         }
 
@@ -213,6 +222,7 @@ def script_values(
         qos=placement.qos or settings.qos,
         exclusive=placement.exclusive,
         allow_requeue=settings.allow_requeue,
+        export="NONE" if settings.export_env == "none" else "ALL",
         extra_options=tuple(sorted(settings.extra_sbatch_options.items())),
     )
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 #SBATCH --job-name=hpcc-3f2b8c1e-9d4a-4e7b-8a61-0c5d2e7f9a10
 #SBATCH --comment=hpcc:3f2b8c1e-9d4a-4e7b-8a61-0c5d2e7f9a10
-#SBATCH --export=NONE
+#SBATCH --export=ALL
 #SBATCH --no-requeue
 #SBATCH --output=/srv/hpcc/runs/run-1/3f2b8c1e-9d4a-4e7b-8a61-0c5d2e7f9a10/slurm.out
 #SBATCH --error=/srv/hpcc/runs/run-1/3f2b8c1e-9d4a-4e7b-8a61-0c5d2e7f9a10/slurm.err
