@@ -210,7 +210,7 @@ def submit(
 ) -> None:
     """Accept runs into the ledger: ``hpc-compute submit --image host -- python3 -c 'print(1)'``.
 
-    One job from the options (and ``--file``); many from a file with a ``[sweep]`` table or from
+    One job from the options (and ``--file``); many from a file with a ``\\[sweep]`` table or from
     ``--jobs`` (JSON lines), accepted in one transaction; options given here apply to each."""
     overrides: dict[str, Any] = {}
     if command:

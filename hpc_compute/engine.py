@@ -331,6 +331,11 @@ class Engine:
             in_flight[tracked.claimed.backend] = in_flight.get(tracked.claimed.backend, 0) + 1
         held = [t for t in self.tracked.values() if t.needs_submit]
         holding = {t.claimed.backend for t in held}
+        if held:  # a held run may have been cancelled meanwhile: then it is never submitted
+            flagged = self.ledger.cancel_flags({t.claimed.run_id for t in held})
+            for tracked in held:
+                if tracked.claimed.run_id in flagged:
+                    tracked.claimed = replace(tracked.claimed, cancel_requested=True)
         claimed: list[ClaimedAttempt] = []
         scheduler = self.settings.scheduler
         for name, backend in self.backends.items():
@@ -364,6 +369,16 @@ class Engine:
         transaction. A wave in which a submission ended without an answer (a timeout, the
         controller down) holds the rest, claimed and never handed over, for the next cycle,
         instead of spending one command timeout per attempt."""
+        for tracked in [t for t in items if t.needs_submit and t.claimed.cancel_requested]:
+            # held, never handed to the backend, and cancelled meanwhile: nothing to withdraw
+            items.remove(tracked)
+            claimed = tracked.claimed
+            self._forget(claimed.attempt_id)
+            self._guarded(
+                lambda c=claimed: self.ledger.mark_not_submitted(  # type: ignore[misc]
+                    c.attempt_id, c.fence, "cancelled before it was submitted"
+                )
+            )
         width = max(1, backend.submit_concurrency)
         for start in range(0, len(items), width):
             wave = items[start : start + width]

@@ -247,12 +247,17 @@ def test_an_unanswered_submission_holds_the_rest_of_the_batch(
         assert len(held) == 4 and len(engine.tracked) == 5
         engine.cycle()  # still unreachable: one more try, nothing new claimed
         assert backend.submits == 2 and len(engine.tracked) == 5
+        held = [t for t in engine.tracked.values() if t.needs_submit]
+        assert len(held) == 3
+        cancelled = held[0].claimed.run_id
+        ledger.request_cancel(cancelled)  # a held run cancelled: never submitted, nothing to withdraw
         backend.reachable = True
         engine.cycle()
-        assert backend.submits == 2 + 3  # the three still held, each submitted once
+        assert backend.submits == 2 + 2  # the two still held and not cancelled, each submitted once
+        assert ledger.get_run(cancelled).state.value == "cancelled"
         assert not any(t.needs_submit for t in engine.tracked.values())
         handles = {t.backend_job_id for t in engine.tracked.values() if t.backend_job_id}
-        assert len(handles) == 3
+        assert len(handles) == 2
     finally:
         engine.close()
 
