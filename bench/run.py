@@ -39,7 +39,7 @@ MEM_MB = 256
 PSIJ_POLL_S = 1
 DRIVER_TIMEOUT = 3600
 
-TOOLS = ("raw-loop", "raw-array", "hpc", "psij", "submitit-loop", "submitit-array")
+TOOLS = ("raw-loop", "raw-array", "hpc", "hpc-array", "psij", "submitit-loop", "submitit-array")
 EXTRA_TOOLS = ("raw-loop-export-none", "raw-loop-export-nil", "raw-loop-export-path", "raw-loop-export-all-clean")  # only with --tools: diagnostics
 PEERS = ("psij", "submitit-loop", "submitit-array")
 BULK_CLI_N = 500  # runs in the bulk CLI accept probe
@@ -110,8 +110,10 @@ def window_jobs(since: str) -> set[str]:
 def driver_argv(tool: str, n: int, profile: str | None) -> list[str]:
     if tool.startswith("raw-"):
         return [PY, str(DRIVERS / "raw.py"), tool[4:], str(n), str(MEM_MB)]
-    if tool == "hpc":
+    if tool in ("hpc", "hpc-array"):
         argv = [PY, str(DRIVERS / "hpc.py"), str(n), str(MEM_MB)]
+        if tool == "hpc-array":  # alike runs as job arrays, all claimed in one cycle
+            argv += ["--array-min", "2", "--submit-batch", "1000"]
         return argv + (["--profile", profile] if profile else [])
     if tool == "sealing":
         return [PY, str(DRIVERS / "sealing.py"), str(n), str(MEM_MB)]
@@ -253,6 +255,7 @@ LABEL = {
     "raw-loop-export-path": "raw loop + `--export=PATH=/usr/bin:/bin`",
     "raw-loop-export-all-clean": "raw loop + `--export=ALL`, scrubbed sbatch env",
     "hpc": "hpc-compute",
+    "hpc-array": "hpc-compute, arrays (`array_min=2`)",
     "psij": f"PSI/J (poll {PSIJ_POLL_S} s)",
     "submitit-loop": "submitit loop",
     "submitit-array": "submitit `map_array`",
@@ -302,7 +305,7 @@ def report(data: dict) -> str:
             if not rs:
                 continue
             star = "*" if any(r.get("disturbed") for r in rs) else ""
-            if tool == "hpc":
+            if tool in ("hpc", "hpc-array"):
                 submit = span([r.get("accept_s") for r in rs]) + " (accept)"
                 all_sub = span([r.get("submit_s") for r in rs])
                 calls = med([sum(r["calls"].values()) for r in rs if r.get("calls")])
@@ -321,14 +324,16 @@ def report(data: dict) -> str:
             lines.append(f"| {LABEL[tool]}{star} | {submit} | {all_sub} | {span([r.get('done_s') for r in rs])} | {calls_s} | {cpu} | {rss} | {ok} |")
         lines.append("")
         ratio_rows = []
-        for other, label in (("raw-loop", "hpc / raw loop"), ("raw-loop-export-none", "hpc / raw loop + --export=NONE"),
+        for subject, other, label in [("hpc", o, lab) for o, lab in (("raw-loop", "hpc / raw loop"), ("raw-loop-export-none", "hpc / raw loop + --export=NONE"),
                              ("raw-loop-export-nil", "hpc / raw loop + --export=NIL"),
                              ("raw-loop-export-all-clean", "hpc / raw loop + scrubbed --export=ALL"),
                              ("raw-array", "hpc / raw array"), ("psij", "hpc / PSI/J"),
-                             ("submitit-loop", "hpc / submitit loop"), ("submitit-array", "hpc / submitit map_array")):
+                             ("submitit-loop", "hpc / submitit loop"), ("submitit-array", "hpc / submitit map_array"))] + [
+                ("hpc-array", "raw-array", "hpc arrays / raw array"), ("hpc-array", "raw-loop", "hpc arrays / raw loop"),
+                ("hpc-array", "psij", "hpc arrays / PSI/J"), ("hpc-array", "submitit-array", "hpc arrays / submitit map_array")]:
             sub, done = [], []
             for rep in sorted({r["rep"] for r in reps}):
-                h = next((r for r in reps if r["rep"] == rep and r["tool"] == "hpc" and r.get("ok")), None)
+                h = next((r for r in reps if r["rep"] == rep and r["tool"] == subject and r.get("ok")), None)
                 o = next((r for r in reps if r["rep"] == rep and r["tool"] == other and r.get("ok")), None)
                 if h is None or o is None:
                     continue
@@ -531,7 +536,7 @@ def main() -> int:
 
     failures = []
     for r in results:
-        if r["tool"] == "hpc":
+        if r["tool"] in ("hpc", "hpc-array"):
             if not r.get("ok"):
                 failures.append(f"hpc-compute N={r['n']} rep {r['rep']}: not every run succeeded ({r.get('states')}, {r.get('error')})")
             if r.get("max_squeue_per_cycle", 0) > 1:

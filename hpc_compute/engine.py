@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -379,27 +379,58 @@ class Engine:
                     c.attempt_id, c.fence, "cancelled before it was submitted"
                 )
             )
+        batches: list[tuple[bool, list[_Tracked]]] = [(True, group) for group in self._array_groups(backend, items)]
+        in_arrays = {id(t) for _, group in batches for t in group}
+        rest = [t for t in items if id(t) not in in_arrays]
         width = max(1, backend.submit_concurrency)
-        for start in range(0, len(items), width):
-            wave = items[start : start + width]
-            for tracked in wave:
+        batches += [(False, rest[start : start + width]) for start in range(0, len(rest), width)]
+        for position, (as_array, batch) in enumerate(batches):
+            for tracked in batch:
                 tracked.needs_submit = False
-            results = self._submit_wave(backend, wave)
-            accepted: list[_Tracked] = []
-            for tracked, result in zip(wave, results, strict=True):
-                if isinstance(result, str):
-                    tracked.backend_job_id = result
-                    accepted.append(tracked)
-                else:
-                    self._submission_failed(backend, tracked, result)
-            if accepted:
-                crash_point("after_submit")
-                crash_point("before_mark_submitted")
-                self._commit_handles(backend, accepted)
-            if any(t.needs_reconcile for t in wave):
-                for rest in items[start + width :]:
-                    rest.needs_submit = True
+            if as_array:
+                pause_point("before_sbatch")
+                results = backend.submit_array([self._ticket(t) for t in batch])
+            else:
+                results = self._submit_wave(backend, batch)
+            if self._settle(backend, batch, results):
+                for _, later in batches[position + 1 :]:
+                    for tracked in later:
+                        tracked.needs_submit = True
                 return
+
+    def _array_groups(self, backend: Backend, items: list[_Tracked]) -> list[list[_Tracked]]:
+        """Alike attempts (same ``backend.array_key``), at least ``array_min`` of them, in arrays
+        of at most ``array_max``; the rest is submitted one by one."""
+        if backend.array_min <= 0:
+            return []
+        by_key: dict[Hashable, list[_Tracked]] = {}
+        for tracked in items:
+            key = backend.array_key(self._ticket(tracked))
+            if key is not None:
+                by_key.setdefault(key, []).append(tracked)
+        groups: list[list[_Tracked]] = []
+        for alike in by_key.values():
+            if len(alike) < backend.array_min:
+                continue
+            size = max(1, backend.array_max)
+            groups += [alike[start : start + size] for start in range(0, len(alike), size)]
+        return groups
+
+    def _settle(self, backend: Backend, batch: list[_Tracked], results: list[str | Exception]) -> bool:
+        """Record what a batch of submissions gave: handles committed in one transaction, failures
+        judged one by one. True when one of them ended without an answer (hold the rest)."""
+        accepted: list[_Tracked] = []
+        for tracked, result in zip(batch, results, strict=True):
+            if isinstance(result, str):
+                tracked.backend_job_id = result
+                accepted.append(tracked)
+            else:
+                self._submission_failed(backend, tracked, result)
+        if accepted:
+            crash_point("after_submit")
+            crash_point("before_mark_submitted")
+            self._commit_handles(backend, accepted)
+        return any(t.needs_reconcile for t in batch)
 
     def _submit_wave(self, backend: Backend, wave: list[_Tracked]) -> list[str | Exception]:
         tickets = [self._ticket(t) for t in wave]

@@ -22,18 +22,19 @@ SLURM_PROGRAMS = ("squeue", "sacct", "sbatch", "scontrol", "scancel")
 PHASES = ("_claim_and_submit", "_reconcile", "_apply_cancellations", "_poll", "_heartbeat")
 
 
-def settings_for(home: Path, poll: float):
+def settings_for(home: Path, poll: float, array_min: int = 0, submit_batch: int = 64):
     from hpc_compute.config import load_settings
 
     return load_settings(
         {
             "home": str(home),
-            "scheduler": {"poll_interval": poll, "min_poll_interval": poll},
+            "scheduler": {"poll_interval": poll, "min_poll_interval": poll, "submit_batch": submit_batch},
             "slurm": {
                 "runtime": "bubblewrap",
                 "python": "/usr/bin/python3",
                 "accounting": "auto",
                 "min_poll_interval": poll,
+                "array_min": array_min,
             },
         },
         env={"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.5)
     parser.add_argument("--profile", default=None, help="write a cProfile of the drive to this file")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--array-min", type=int, default=0, help="[slurm] array_min (0: no job arrays)")
+    parser.add_argument("--submit-batch", type=int, default=64, help="[scheduler] submit_batch")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="hpcc-bench-"))
@@ -67,7 +70,7 @@ def main() -> None:
     from hpc_compute import Client
     from hpc_compute.engine import Engine
 
-    settings = settings_for(home, args.poll)
+    settings = settings_for(home, args.poll, args.array_min, args.submit_batch)
     client = Client(settings=settings)
     specs = [spec(args.mem_mb, i) for i in range(args.n)]
     import_s = time.monotonic() - t_import

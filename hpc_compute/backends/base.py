@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -119,8 +119,28 @@ class Backend(abc.ABC):
     #: seconds a submitting attempt must be absent from every query before it counts as not submitted
     reconcile_grace_s: float = 30.0
 
+    #: batches of at least this many alike attempts go as one array submission (0: never)
+    array_min: int = 0
+    #: the largest array one submission makes
+    array_max: int = 1000
+
     def check(self, spec: JobSpec) -> None:  # noqa: B027 - optional hook
         """Raise SpecError if this backend cannot run ``spec`` (e.g. more GPUs than the site has)."""
+
+    def array_key(self, ticket: Ticket) -> Hashable | None:
+        """Attempts with the same key may share one array submission (None: this one may not)."""
+        return None
+
+    def submit_array(self, tickets: list[Ticket]) -> list[str | Exception]:
+        """Submit alike attempts together; one job id or error per ticket, in order. Each attempt
+        keeps its own directory, spec, exit code and artifacts."""
+        out: list[str | Exception] = []
+        for ticket in tickets:
+            try:
+                out.append(self.submit(ticket))
+            except Exception as exc:  # judged per attempt by the engine
+                out.append(exc)
+        return out
 
     @abc.abstractmethod
     def submit(self, ticket: Ticket) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from hpc_compute.backends.base import FindResult, Outcome, SubmitError, Ticket
+from hpc_compute.backends.base import FindKind, FindResult, Outcome, SubmitError, Ticket
 from hpc_compute.backends.slurm import SlurmBackend, SlurmSettings
 from hpc_compute.backends.slurm.backend import make_transport
 from hpc_compute.config import load_settings
@@ -121,6 +121,16 @@ class TestBackend(SlurmBackend):
             extra = self._run("sbatch", ["--parsable", "--hold", script])
             assert extra.returncode == 0, extra.stderr
         raise SubmitError(f"simulated: sbatch reply for {job_id} lost", definite=False)
+
+    array_reply_lost = False  # the next array sbatch succeeds, but its reply is "lost"
+
+    def submit_array(self, tickets: list[Ticket]) -> list[str | Exception]:
+        results = super().submit_array(tickets)
+        if self.array_reply_lost:
+            self.array_reply_lost = False
+            assert all(isinstance(r, str) for r in results), results
+            return [SubmitError("simulated: sbatch reply for the array lost", definite=False) for _ in results]
+        return results
 
     def find(self, tickets: list[Ticket]) -> dict[str, FindResult]:
         found = super().find(tickets)
@@ -376,6 +386,48 @@ def test_no_scheduler_environment_reaches_the_job(
         assert job_env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     # (with --export=NONE, Slurm 22.05 loads the job user's *login* environment on the node, as
     # --get-user-env does: that is what makes every job start slower; it is not ours to check)
+
+
+def test_alike_runs_go_as_one_job_array(harness: Callable[..., Harness]) -> None:
+    """Five alike runs, one sbatch --array: each keeps its own attempt, exit code, logs, artifacts."""
+    h = harness(array_min=2, array_throttle=2)
+    runs = {
+        "ok": h.submit(["sh", "-c", f"{ARTIFACTS} && echo done"]),
+        "exit3": h.submit(["sh", "-c", "echo failing; exit 3"]),
+        "signal": h.submit(["sh", "-c", "kill -9 $$"]),
+        "echo1": h.submit(["sh", "-c", "echo one"]),
+        "echo2": h.submit(["sh", "-c", "echo two"]),
+    }
+    h.drive(list(runs.values()), timeout=150)
+    assert h.backend.calls["sbatch"] <= 2, h.backend.calls  # --test-only once, then the array
+    job_ids = {name: h.run(run_id).backend_job_id or "" for name, run_id in runs.items()}
+    heads = {job_id.partition("_")[0] for job_id in job_ids.values()}
+    assert len(heads) == 1 and sorted(j.partition("_")[2] for j in job_ids.values()) == ["0", "1", "2", "3", "4"]
+    ok = h.run(runs["ok"])
+    assert ok.state == RunState.SUCCEEDED and h.stdout(runs["ok"]) == "done\n", ok
+    assert h.artifacts(runs["ok"]) == {"a.txt": 6, "d/b": 2}
+    exit3 = h.run(runs["exit3"])
+    assert (exit3.state, exit3.failure_kind, exit3.exit_code) == (RunState.FAILED, FailureKind.EXIT_CODE, 3)
+    assert h.backend.outcomes[runs["exit3"]].backend_record.get("exit_code") == "3:0"
+    sig = h.run(runs["signal"])
+    assert (sig.state, sig.failure_kind, sig.signal) == (RunState.FAILED, FailureKind.SIGNAL, 9), sig
+    assert h.stdout(runs["echo1"]) == "one\n" and h.stdout(runs["echo2"]) == "two\n"
+    for run_id in runs.values():
+        assert h.run(run_id).attempts == 1
+
+
+def test_an_array_whose_sbatch_reply_was_lost_is_reconciled_task_by_task(harness: Callable[..., Harness]) -> None:
+    h = harness(array_min=2, reconcile_grace_s=30.0)
+    h.backend.array_reply_lost = True
+    runs = [h.submit(["sh", "-c", f"echo task {i}"]) for i in range(3)]
+    h.drive(runs, timeout=120)
+    for i, run_id in enumerate(runs):
+        run = h.run(run_id)
+        assert run.state == RunState.SUCCEEDED and run.attempts == 1, run  # adopted, never resubmitted
+        assert h.stdout(run_id) == f"task {i}\n"
+    found = [f for f in h.backend.finds if f.kind == FindKind.FOUND]
+    assert sorted(f.backend_job_id.partition("_")[2] for f in found if f.backend_job_id) == ["0", "1", "2"]
+    assert h.backend.calls["sbatch"] <= 2, h.backend.calls
 
 
 def test_gpus_beyond_the_largest_node_refused_early(harness: Callable[..., Harness]) -> None:

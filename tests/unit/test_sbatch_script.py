@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from hpc_compute.backends.slurm.config import SlurmSettings
 from hpc_compute.backends.slurm.script import (
+    ArrayValues,
     ScriptValueError,
     ScriptValues,
     render_script,
@@ -288,3 +290,30 @@ def test_hostile_paths_are_refused_or_quoted(python: str, wrapper: str, attempt_
     assert script.split("\n")[-2] == benign.split("\n")[-2]
     _bash_n(script, tmp_path)
     assert _body_values(script, tmp_path) == [python, wrapper, attempt_dir]
+
+
+def test_array_script_golden(tmp_path: Path) -> None:
+    """k alike attempts, one sbatch --array: task N execs the wrapper on the Nth directory."""
+    conf = SlurmSettings.model_validate({"runtime": "bubblewrap", "array_throttle": 4})
+    spec = _spec(resources={"cpus": 1, "memory": "256M", "time_limit": "60s"})
+    dirs = (*(f"/srv/hpcc/runs/run-{i}/attempt-{i}" for i in range(3)), "/srv/hpcc/runs/it's here/a")
+    values = script_values(spec, conf, attempt_id=ATTEMPT, attempt_dir=dirs[0], wrapper=f"{dirs[0]}/hpcc_wrapper.py")
+    array = ArrayValues(tag="0123456789abcdef" * 2, attempt_dirs=dirs, throttle=conf.array_throttle)
+    script = render_script(replace(values, array=array))
+    golden = GOLDEN / "array.sh"
+    if os.environ.get("HPCC_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text()
+    lines = sbatch_directives(script)
+    assert "#SBATCH --array=0-3%4" in lines and f"#SBATCH --job-name=hpcc-arr-{array.tag}" in lines
+    _bash_n(script, tmp_path)
+    # the body picks each task's directory, quoted, and its own staged wrapper
+    body = script.split("ATTEMPT_DIRS=(", 1)[1]
+    fake = tmp_path / "task.sh"
+    probe = "ATTEMPT_DIRS=(" + body.split("cd \"$ATTEMPT_DIR\"")[0] + 'printf "%s|%s" "$ATTEMPT_DIR" "$WRAPPER"\n'
+    fake.write_text(probe)
+    for task, expected in enumerate(dirs):
+        out = subprocess.run(
+            [BASH, str(fake)], env={"SLURM_ARRAY_TASK_ID": str(task)}, capture_output=True, text=True, check=True
+        ).stdout
+        assert out == f"{expected}|{expected}/hpcc_wrapper.py"

@@ -235,3 +235,37 @@ def test_backend_record_is_kept(sacct_done: dict[str, SlurmRecord]) -> None:
     outcome = _refine(sacct_done[OOM], None)
     assert outcome.backend_record["exit_code"] == "0:125"
     assert outcome.backend_record["source"] == "sacct"
+
+
+# -- job arrays: each task is its own record, keyed as squeue/sacct/scancel name it (123_4) ---------
+
+ARRAY_NAME = "hpcc-arr-" + "0123456789abcdef" * 2
+
+
+def test_array_tasks_in_squeue_and_sacct() -> None:
+    sep = parse.SEP
+    squeue = "\n".join(
+        [
+            sep.join(["123_0", "COMPLETED", "None", "t", "t", "0:01", ARRAY_NAME]),
+            sep.join(["123_1", "PENDING", "JobHeldUser", "N/A", "N/A", "0:00", ARRAY_NAME]),
+            sep.join(["123_[2-5%2]", "PENDING", "JobArrayTaskLimit", "N/A", "N/A", "0:00", ARRAY_NAME]),
+        ]
+    )
+    records = parse.parse_squeue(squeue)
+    assert set(records) == {"123_0", "123_1"}  # squeue -r splits pending tasks; the folded form is skipped
+    assert records["123_1"].reason == "JobHeldUser"
+    sacct = sep.join(["123_4", "FAILED", "3:0", "s", "e", "00:00:01", "x", ARRAY_NAME])
+    sacct += "\n" + sep.join(["123_[5-9]", "PENDING", "0:0", "Unknown", "Unknown", "00:00:00", "x", ARRAY_NAME])
+    (task,) = parse.parse_sacct(sacct)
+    assert task.job_id == "123_4" and task.exit_code == "3:0" and task.name == ARRAY_NAME
+
+
+def test_array_tasks_in_scontrol() -> None:
+    lines = [
+        f"JobId=125 ArrayJobId=123 ArrayTaskId=2 JobName={ARRAY_NAME} JobState=COMPLETED Reason=None ExitCode=7:0",
+        f"JobId=123 ArrayJobId=123 ArrayTaskId=3-5%2 JobName={ARRAY_NAME} JobState=PENDING Reason=None ExitCode=0:0",
+        "JobId=130 JobName=hpcc-plain JobState=FAILED Reason=None ExitCode=1:0",
+    ]
+    records = parse.parse_scontrol("\n".join(lines), ours_only=True)
+    assert set(records) == {"123_2", "130"}
+    assert records["123_2"].exit_code == "7:0" and records["123_2"].name == ARRAY_NAME

@@ -29,9 +29,10 @@ import pwd
 import re
 import shutil
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from hpc_compute.backends.outcome import outcome_from_result
 from hpc_compute.backends.slurm import parse
 from hpc_compute.backends.slurm.config import SlurmSettings
 from hpc_compute.backends.slurm.parse import SlurmRecord
-from hpc_compute.backends.slurm.script import render_script, script_values
+from hpc_compute.backends.slurm.script import ArrayValues, render_script, script_values
 from hpc_compute.config import Settings
 from hpc_compute.errors import BackendUnavailable, ConfigError, SpecError
 from hpc_compute.harvest import HarvestLimits, HarvestReport
@@ -74,6 +75,9 @@ from hpc_compute.transports.local import LocalTransport
 log = logging.getLogger("hpc_compute.backends.slurm")
 
 SCRIPT_FILE = "sbatch.sh"
+ARRAY_SCRIPT_FILE = "sbatch-array.sh"  # in the first member's directory
+ARRAY_FILE = "array.json"  # in every member's directory, written before sbatch: which array, which task
+_ARRAY_NAME_RE = re.compile(r"^hpcc-arr-[0-9a-f]{32}$")
 WRAPPER_FILE = "hpcc_wrapper.py"
 SLURM_LOGS = ("slurm.out", "slurm.err")
 RESULT_MAX_BYTES = 1 << 20
@@ -118,6 +122,40 @@ WATCH_S = 86400.0  #: how long a tombstoned tag stays on the watch list
 SWEEP_EVERY_S = 10.0  #: the watch list is checked with its own squeue at most this often
 
 
+@dataclass(frozen=True)
+class ArrayMember:
+    """An attempt submitted as task ``index`` of the job array named ``name``."""
+
+    name: str
+    index: int
+
+    @staticmethod
+    def parse(raw: bytes | None) -> ArrayMember | None:
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        name, index = data.get("array"), data.get("index")
+        if not isinstance(name, str) or not _ARRAY_NAME_RE.match(name):
+            return None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1_000_000:
+            return None
+        return ArrayMember(name, index)
+
+
+def _task_index(job_id: str) -> str | None:
+    """``123_4`` -> ``4`` (None for a plain job id)."""
+    _, sep, task = job_id.partition("_")
+    return task if sep else None
+
+
+def _job_order(job_id: str) -> tuple[int, int]:
+    head, _, task = job_id.partition("_")
+    return int(head), int(task) if task.isdigit() else -1
+
+
 def make_transport(conf: SlurmSettings) -> Transport:
     if conf.transport == "ssh":
         from hpc_compute.transports.ssh import SshTransport
@@ -160,6 +198,10 @@ class SlurmBackend(Backend):
         self.reconcile_grace_s = self.conf.reconcile_grace_s
         self.max_in_flight = self.conf.max_in_flight
         self.submit_concurrency = self.conf.submit_parallel
+        self.array_min = self.conf.array_min
+        self.array_max = self.conf.array_max
+        #: attempts known to be array tasks (from submission, or read back from their array.json)
+        self._members: dict[str, ArrayMember | None] = {}
         self._accounting: bool | None = {"on": True, "off": False}.get(self.conf.accounting)
         self._user_name: str | None = None
         self._test_ok: dict[tuple[object, ...], float] = {}  # resource shape -> --test-only OK until
@@ -213,6 +255,31 @@ class SlurmBackend(Backend):
 
     def close(self) -> None:
         self.transport.close()
+
+    def _member(self, ticket: Ticket, *, look: bool = False) -> ArrayMember | None:
+        """The array task this attempt was submitted as, if any: known since submission, or read
+        back from its ``array.json`` (after a restart; ``look`` when its job id is not known yet)."""
+        if ticket.attempt_id in self._members:
+            return self._members[ticket.attempt_id]
+        job_id = ticket.backend_job_id
+        if not look and (job_id is None or _task_index(job_id) is None):
+            return None
+        raw = self.transport.read_file(posixpath.join(self.remote_dir(ticket), ARRAY_FILE), 4096)
+        member = ArrayMember.parse(raw)
+        if member is not None and job_id is not None and _task_index(job_id) != str(member.index):
+            member = None  # the handle says another task: trust neither
+        self._members[ticket.attempt_id] = member
+        return member
+
+    def _name_for(self, ticket: Ticket) -> str:
+        """The job name Slurm shows for this attempt: its tag, or its array's name."""
+        member = self._member(ticket)
+        return member.name if member is not None else ticket.tag
+
+    def _watch_key(self, ticket: Ticket) -> str:
+        """What the watch list holds for a given-up attempt: its tag, or (array name, task)."""
+        member = self._member(ticket, look=True)
+        return f"{member.name}#{member.index}" if member is not None else ticket.tag
 
     # -- check / submit -----------------------------------------------------------------------
 
@@ -294,6 +361,58 @@ class SlurmBackend(Backend):
             raise SubmitError(f"cannot build the job: {exc}", definite=True, retryable=False) from exc
         except (OSError, BackendUnavailable) as exc:
             raise SubmitError(f"cannot stage {self.remote_dir(ticket)}: {exc}", definite=True) from exc
+        return self._sbatch(ticket, script_path)
+
+    def array_key(self, ticket: Ticket) -> Hashable | None:
+        """Alike attempts (same resources and placement) can share one job array."""
+        return self._shape(ticket.spec) if self.array_min > 0 else None
+
+    def submit_array(self, tickets: list[Ticket]) -> list[str | Exception]:
+        """One ``sbatch --array=0-(k-1)`` for k alike attempts. Every member is staged as usual
+        (its own directory, spec.json, wrapper), plus ``array.json`` naming the array and its task,
+        written before sbatch so reconciliation after a crash finds the task; task N runs the Nth
+        directory. The job id of member N is ``<array job id>_N``."""
+        if len(tickets) == 1:
+            try:
+                return [self.submit(tickets[0])]
+            except SubmitError as exc:
+                return [exc]
+        name = f"hpcc-arr-{uuid.uuid4().hex}"
+        first = tickets[0]
+        try:
+            for index, ticket in enumerate(tickets):
+                self.stage(ticket)
+                member = ArrayMember(name, index)
+                record = json.dumps({"array": name, "index": index}).encode()
+                self.transport.put_file(record, posixpath.join(self.remote_dir(ticket), ARRAY_FILE), 0o600)
+                self._members[ticket.attempt_id] = member
+            values = script_values(
+                first.spec,
+                self.conf,
+                attempt_id=first.attempt_id,
+                attempt_dir=self.remote_dir(first),
+                wrapper=self.conf.wrapper or posixpath.join(self.remote_dir(first), WRAPPER_FILE),
+            )
+            array = ArrayValues(
+                tag=name.removeprefix("hpcc-arr-"),
+                attempt_dirs=tuple(self.remote_dir(t) for t in tickets),
+                throttle=self.conf.array_throttle,
+                wrapper=self.conf.wrapper,
+            )
+            script_path = posixpath.join(self.remote_dir(first), ARRAY_SCRIPT_FILE)
+            self.transport.put_file(render_script(replace(values, array=array)).encode(), script_path, 0o600)
+        except (SpecError, ConfigError) as exc:
+            return [SubmitError(f"cannot build the job array: {exc}", definite=True, retryable=False)] * len(tickets)
+        except (OSError, BackendUnavailable) as exc:
+            return [SubmitError(f"cannot stage the job array: {exc}", definite=True)] * len(tickets)
+        try:
+            job_id = self._sbatch(first, script_path)
+        except SubmitError as exc:
+            return [exc] * len(tickets)
+        return [f"{job_id}_{index}" for index in range(len(tickets))]
+
+    def _sbatch(self, ticket: Ticket, script_path: str) -> str:
+        """Run sbatch on a staged script (held under strict submission); the job id, or SubmitError."""
         self._squeue_cache = None  # the next poll must see the new job
         if self.conf.strict_submit:
             self._test_only_once(ticket, script_path)
@@ -348,11 +467,11 @@ class SlurmBackend(Backend):
         bad = ("unknown", "down", "not_responding", "fail", "future", "power")
         return not any(state.endswith("*") or any(b in state for b in bad) for state in states)
 
-    def _test_only_once(self, ticket: Ticket, script_path: str) -> None:
-        """``--test-only`` once per resource shape a minute: a sweep of 500 alike runs asks once."""
-        spec = ticket.spec
+    @staticmethod
+    def _shape(spec: JobSpec) -> tuple[object, ...]:
+        """What the sbatch directives of an attempt depend on (not its command, env or inputs)."""
         resources, placement = spec.resources, spec.placement
-        shape = (
+        return (
             resources.cpus,
             resources.memory,
             resources.gpus,
@@ -363,6 +482,10 @@ class SlurmBackend(Backend):
             placement.qos,
             placement.exclusive,
         )
+
+    def _test_only_once(self, ticket: Ticket, script_path: str) -> None:
+        """``--test-only`` once per resource shape a minute: a sweep of 500 alike runs asks once."""
+        shape = self._shape(ticket.spec)
         now = time.monotonic()
         if self._test_ok.get(shape, 0.0) > now:
             return
@@ -389,7 +512,8 @@ class SlurmBackend(Backend):
     # -- queries ------------------------------------------------------------------------------
 
     def _squeue(self, extra: list[str]) -> dict[str, SlurmRecord]:
-        result = self._run("squeue", ["-h", "-t", "all", "--me", *extra, "-o", parse.SQUEUE_FORMAT])
+        # -r: one line per array task, pending ones included (else "123_[0-9]")
+        result = self._run("squeue", ["-h", "-r", "-t", "all", "--me", *extra, "-o", parse.SQUEUE_FORMAT])
         if result.returncode != 0:
             raise BackendUnavailable(f"squeue failed ({result.returncode}): {_first_line(result.stderr)}")
         return parse.parse_squeue(result.stdout)
@@ -417,7 +541,9 @@ class SlurmBackend(Backend):
             return
         watched = set(self._watching())
         for record in records:
-            if record.name in watched and not record.terminal:
+            task = _task_index(record.job_id)
+            keys = {record.name} if task is None else {f"{record.name}#{task}"}
+            if keys & watched and not record.terminal:
                 log.warning("job %s carries the tag of a given-up attempt (%s): cancelling", record.job_id, record.name)
                 try:
                     self._scancel(record.job_id)
@@ -502,7 +628,7 @@ class SlurmBackend(Backend):
                 out[ticket.attempt_id] = Observation(ObservationKind.UNKNOWN, reason="no job id yet")
                 continue
             record = queue.get(job_id)
-            if record is None or record.name != ticket.tag:
+            if record is None or record.name != self._name_for(ticket):
                 missing.append(ticket)
                 continue
             observation = parse.observe(record)
@@ -528,7 +654,7 @@ class SlurmBackend(Backend):
             detail = details.get(job_id)
             if detail is None:
                 log.info("scontrol has no record of finished job %s (squeue: %s)", job_id, record.state)
-            self._records[job_id] = detail if detail is not None and detail.name == ticket.tag else record
+            self._records[job_id] = detail if detail is not None and detail.name == self._name_for(ticket) else record
         foreign = [t for t, r in finished if r.base_state == "CANCELLED" and not t.cancel_requested]
         if foreign and self.accounting():
             try:
@@ -537,7 +663,7 @@ class SlurmBackend(Backend):
                 return
             for ticket in foreign:
                 rec = found.get(ticket.backend_job_id or "")
-                if rec is not None and rec.base_state == "CANCELLED" and rec.name == ticket.tag:
+                if rec is not None and rec.base_state == "CANCELLED" and rec.name == self._name_for(ticket):
                     self._records[rec.job_id] = rec
 
     def _poll_missing(self, missing: list[Ticket]) -> dict[str, Observation]:
@@ -556,7 +682,7 @@ class SlurmBackend(Backend):
         for ticket in missing:
             job_id = ticket.backend_job_id or ""
             record = found.get(job_id)
-            if record is not None and record.name == ticket.tag:
+            if record is not None and record.name == self._name_for(ticket):
                 observation = parse.observe(record)
                 if observation.kind == ObservationKind.FINISHED:
                     self._records[job_id] = record
@@ -590,9 +716,16 @@ class SlurmBackend(Backend):
     def find(self, tickets: list[Ticket]) -> dict[str, FindResult]:
         if not tickets:
             return {}
-        names = [t.tag for t in tickets]
-        by_name: dict[str, dict[str, SlurmRecord]] = {name: {} for name in names}
         failures: list[str] = []
+        members: dict[str, ArrayMember | None] = {}
+        for ticket in tickets:
+            try:
+                members[ticket.attempt_id] = self._member(ticket, look=True)
+            except BackendUnavailable as exc:
+                failures.append(f"cannot read {ARRAY_FILE}: {exc}")
+                members[ticket.attempt_id] = None
+        names = sorted({m.name if (m := members[t.attempt_id]) else t.tag for t in tickets})
+        by_name: dict[str, dict[str, SlurmRecord]] = {name: {} for name in names}
         try:
             for record in self._squeue(["--name", ",".join(names)]).values():
                 if record.name in by_name:
@@ -614,7 +747,11 @@ class SlurmBackend(Backend):
         now = time.time()
         out: dict[str, FindResult] = {}
         for ticket in tickets:
-            jobs = by_name[ticket.tag]
+            member = members[ticket.attempt_id]
+            if member is None:
+                jobs = by_name[ticket.tag]
+            else:  # only this attempt's task of its array
+                jobs = {j: r for j, r in by_name[member.name].items() if _task_index(j) == str(member.index)}
             if jobs:
                 out[ticket.attempt_id] = self._adopt(ticket, jobs)
             elif failures:
@@ -626,7 +763,7 @@ class SlurmBackend(Backend):
         return out
 
     def _adopt(self, ticket: Ticket, jobs: dict[str, SlurmRecord]) -> FindResult:
-        ordered = sorted(jobs, key=int)
+        ordered = sorted(jobs, key=_job_order)
         keep, extras = ordered[0], ordered[1:]
         cancelled: list[str] = []
         for job_id in extras:
@@ -648,19 +785,19 @@ class SlurmBackend(Backend):
         try:
             created = self.transport.create_exclusive(claim, data)
         except FileNotFoundError:
-            self._watch[ticket.tag] = time.time() + WATCH_S
+            self._watch[self._watch_key(ticket)] = time.time() + WATCH_S
             return FindResult(FindKind.ABSENT, detail="no attempt directory")
         except BackendUnavailable as exc:
             return FindResult(FindKind.UNKNOWN, detail=f"cannot tombstone: {exc}")
         if created:
-            self._watch[ticket.tag] = time.time() + WATCH_S
+            self._watch[self._watch_key(ticket)] = time.time() + WATCH_S
             return FindResult(FindKind.ABSENT, detail="not found by squeue or sacct after the grace period")
         try:
             existing = self.transport.read_file(claim, RESULT_MAX_BYTES)
         except BackendUnavailable as exc:
             return FindResult(FindKind.UNKNOWN, detail=f"cannot read the claim: {exc}")
         if existing is not None and b'"tombstone": true' in existing:
-            self._watch[ticket.tag] = time.time() + WATCH_S
+            self._watch[self._watch_key(ticket)] = time.time() + WATCH_S
             return FindResult(FindKind.ABSENT, detail="tombstoned earlier")
         # a wrapper claimed the attempt, yet Slurm shows no job: never declare it absent
         return FindResult(FindKind.UNKNOWN, detail="a wrapper claimed the attempt but Slurm shows no job by its tag")
@@ -716,7 +853,7 @@ class SlurmBackend(Backend):
 
     def abandon(self, ticket: Ticket) -> None:
         """Cancel the job we created for an attempt that is no longer ours, and watch its tag."""
-        self._watch[ticket.tag] = time.time() + WATCH_S
+        self._watch[self._watch_key(ticket)] = time.time() + WATCH_S
         if ticket.backend_job_id:
             self._scancel(ticket.backend_job_id)
         self._squeue_cache = None
@@ -743,7 +880,7 @@ class SlurmBackend(Backend):
         if not self._watch or time.monotonic() - self._last_sweep < max(SWEEP_EVERY_S, self.conf.min_poll_interval):
             return
         self._last_sweep = time.monotonic()
-        names = self._watching()
+        names = sorted({key.partition("#")[0] for key in self._watching()})
         if names:
             self._cancel_watched(self._squeue(["--name", ",".join(names)]).values())
 
@@ -759,7 +896,7 @@ class SlurmBackend(Backend):
             detail = self._scontrol().get(job_id)
         except BackendUnavailable:
             detail = None
-        if detail is not None and detail.name == ticket.tag and detail.terminal:
+        if detail is not None and detail.name == self._name_for(ticket) and detail.terminal:
             return detail
         if self.accounting():
             try:
@@ -767,7 +904,7 @@ class SlurmBackend(Backend):
             except BackendUnavailable:
                 found = {}
             rec = found.get(job_id)
-            if rec is not None and rec.name == ticket.tag and rec.terminal:
+            if rec is not None and rec.name == self._name_for(ticket) and rec.terminal:
                 return rec
         return record
 

@@ -103,6 +103,18 @@ class SlurmSettings(BaseModel):
     extra_sbatch_options: dict[str, str] = Field(default_factory=dict)
     max_in_flight: int = Field(default=1000, ge=1, description="jobs one scheduler keeps submitted at most")
     submit_parallel: int = Field(default=4, ge=1, le=64, description="sbatch calls one scheduler runs at once")
+    array_min: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "alike runs (same resources and placement) claimed together, at least this many, "
+            "go as one job array (0: never)"
+        ),
+    )
+    array_max: int = Field(default=1000, ge=1, description="tasks per job array at most (below Slurm's MaxArraySize)")
+    array_throttle: int | None = Field(
+        default=None, ge=1, description="tasks of one array running at once (--array=...%N)"
+    )
     export_env: Literal["scrubbed", "none"] = Field(
         default="scrubbed",
         description=(

@@ -21,7 +21,7 @@ SEP = "\x1f"
 SQUEUE_FORMAT = SEP.join(("%i", "%T", "%r", "%S", "%e", "%M", "%j"))
 SQUEUE_FIELDS = ("job_id", "state", "reason", "start", "end", "elapsed", "name")
 #: sacct --format (with -P and --delimiter=SEP); the name last
-SACCT_FIELDS = ("JobIDRaw", "State", "ExitCode", "Start", "End", "Elapsed", "Submit", "JobName")
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "Elapsed", "Submit", "JobName")
 SACCT_FORMAT = ",".join(SACCT_FIELDS)
 ACCOUNTING_DISABLED = "Slurm accounting storage is disabled"
 TAG_PREFIX = "hpcc-"
@@ -57,8 +57,7 @@ SPECIAL_KINDS: dict[str, FailureKind] = {
     "REVOKED": FailureKind.LOST,
 }
 _EXIT_RE = re.compile(r"^(\d+):(\d+)$")
-_SCONTROL_KEYS = ("JobId", "JobName", "JobState", "Reason", "ExitCode", "StartTime", "EndTime", "RunTime", "SubmitTime")
-_JOB_ID_RE = re.compile(r"^\d+$")
+_JOB_ID_RE = re.compile(r"^\d+(?:_\d+)?$")  # a job, or one task of an array (123_4)
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ def parse_sacct(text: str) -> list[SlurmRecord]:
         job_id, state, exit_code, start, end, elapsed, submit, name = fields
         job_id = job_id.strip()
         if not _JOB_ID_RE.match(job_id) or not state.strip():
-            continue  # steps (123.batch) cannot appear with -X; array/het ids are not ours
+            continue  # steps (123.batch) cannot appear with -X; 123_[0-9] (tasks not started) and het ids are not ours
         out.append(
             SlurmRecord(
                 job_id=job_id,
@@ -185,7 +184,19 @@ def latest_by_id(records: list[SlurmRecord]) -> dict[str, SlurmRecord]:
     return out
 
 
-_SCONTROL_KEYS = ("JobId", "JobName", "JobState", "Reason", "ExitCode", "StartTime", "EndTime", "RunTime", "SubmitTime")
+_SCONTROL_KEYS = (
+    "JobId",
+    "ArrayJobId",
+    "ArrayTaskId",
+    "JobName",
+    "JobState",
+    "Reason",
+    "ExitCode",
+    "StartTime",
+    "EndTime",
+    "RunTime",
+    "SubmitTime",
+)
 _SCONTROL_RES = {key: re.compile(rf"(?:^|\s){key}=(\S*)") for key in _SCONTROL_KEYS}
 _OUR_NAME = "JobName=" + TAG_PREFIX
 
@@ -204,6 +215,11 @@ def parse_scontrol(text: str, *, ours_only: bool = False) -> dict[str, SlurmReco
         if ours_only and _OUR_NAME not in line:
             continue
         job_id = _scontrol_value(line, "JobId")
+        array_job, array_task = _scontrol_value(line, "ArrayJobId"), _scontrol_value(line, "ArrayTaskId")
+        if array_job and array_task:
+            if not array_task.isdigit():
+                continue  # the not-yet-split rest of an array (ArrayTaskId=3-9%2): its tasks come later
+            job_id = f"{array_job}_{array_task}"  # the id squeue, sacct and scancel use for the task
         state = _scontrol_value(line, "JobState")
         if not job_id or not _JOB_ID_RE.match(job_id) or not state:
             continue

@@ -147,6 +147,24 @@ def _environment(directory: str) -> jinja2.Environment:
 
 
 @dataclass(frozen=True)
+class ArrayValues:
+    """One job array of alike attempts: task N runs the attempt in ``attempt_dirs[N]``."""
+
+    tag: str  # the array's own tag: job name ``hpcc-arr-<tag>``
+    attempt_dirs: tuple[str, ...]
+    throttle: int | None = None  # at most this many tasks at once (``--array=0-9%2``)
+    wrapper: str | None = None  # the site's wrapper path; None: each attempt's staged copy
+
+    def context(self) -> dict[str, Any]:
+        return {
+            "tag": self.tag,
+            "attempt_dirs": list(self.attempt_dirs),
+            "throttle": self.throttle,
+            "wrapper": self.wrapper,
+        }
+
+
+@dataclass(frozen=True)
 class ScriptValues:
     """Everything the template may see. Built by :func:`script_values`; user strings never get here."""
 
@@ -167,6 +185,7 @@ class ScriptValues:
     allow_requeue: bool = False
     export: str = "ALL"  # ALL (sbatch runs in a scrubbed environment) or NONE
     extra_options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    array: ArrayValues | None = None
 
     def context(self) -> dict[str, Any]:
         return {
@@ -186,6 +205,7 @@ class ScriptValues:
             "exclusive": bool(self.exclusive),
             "allow_requeue": bool(self.allow_requeue),
             "export": self.export,
+            "array": None if self.array is None else self.array.context(),
             "extra_options": list(self.extra_options),
         }
 
