@@ -141,7 +141,7 @@ def measure_once(tool: str, n: int, profile: str | None = None) -> dict:
         result["ok"] = False
         result["error"] = stderr.strip().splitlines()[-1][:300] if stderr.strip() else f"exit {rc}"
     time.sleep(1.0)  # let sacct catch up
-    ours = set(result.get("job_ids") or [])
+    ours = {j.split("_")[0] for j in result.get("job_ids") or []}  # array tasks (123_4) count as their array
     foreign = sorted(window_jobs(since) - ours, key=lambda x: int(x) if x.isdigit() else 0)
     restarted = ctld_pid() != pid_before
     result.update(
