@@ -136,6 +136,7 @@ def measure_once(tool: str, n: int, profile: str | None = None) -> dict:
     for line in stdout.splitlines():
         if line.startswith("BENCH-RESULT "):
             result = json.loads(line[len("BENCH-RESULT "):])
+            result["tool"] = tool  # one driver serves several tools (hpc, hpc-array)
     result.setdefault("ok", rc == 0)
     if rc != 0:
         result["ok"] = False
