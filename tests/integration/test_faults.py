@@ -334,10 +334,14 @@ def test_sigstop_before_sbatch_past_the_lease(cluster: Cluster, scenario: tuple[
         argv = ["sacct", "-X", "-P", "-n", "-j", match.group(1), "-o", "JobIDRaw,State,NodeList,JobName"]
         lines: list[list[str]] = []
         deadline = time.monotonic() + 60
-        while not lines and time.monotonic() < deadline:  # slurmdbd ingests with a lag
+        settled = False
+        while not settled and time.monotonic() < deadline:  # slurmdbd ingests with a lag
             proc = subprocess.run(argv, capture_output=True, text=True, check=True)
             lines = [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
-            if not lines:
+            # a held job cancelled at once can show first as a placeholder record (JobName
+            # "allocation") until slurmdbd has the whole job: wait for the real record
+            settled = bool(lines) and all(len(row) == 4 and row[3] == stale_tag for row in lines)
+            if not settled:
                 time.sleep(2)
         never_ran = all(
             state.startswith("CANCELLED") and nodes == "None assigned" and name == stale_tag
