@@ -50,6 +50,9 @@ if [ "$#" -eq 0 ]; then
   step "benchmark smoke (N = 20): hpc-compute finishes every run with one squeue per cycle"
   timeout 15m python3 bench/run.py --quick --out "$(mktemp -d)/RESULTS.md"
 
+  step "scale smoke (500 active / 5,000 finished, no Slurm): one squeue per steady cycle"
+  timeout 10m python3 bench/scale.py --quick
+
   step "Slurm tests again with accounting off (as many sites run)"
   ansible-playbook -i ansible/inventory/localhost.yml ansible/playbooks/dev-cluster.yml \
     -e hpcc_slurm_accounting=false --skip-tags smoke

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, Index, MetaData, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, MetaData, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 NAMING_CONVENTION = {
@@ -27,6 +27,10 @@ class Run(SQLModel, table=True):
         UniqueConstraint("owner", "idempotency_key", name="uq_hpcc_run_owner_idempotency_key"),
         Index("ix_hpcc_run_state_not_before", "state", "not_before"),
         Index("ix_hpcc_run_owner_created_at", "owner", "created_at"),
+        # `list --state X`: an owner's runs in one state, newest first, without walking the history
+        Index("ix_hpcc_run_owner_state_created_at", "owner", "state", "created_at"),
+        # the scheduler's cancellation check every cycle: the few unfinished runs with the flag set
+        Index("ix_hpcc_run_cancel_requested_state", "cancel_requested", "state"),
     )
 
     id: str = Field(primary_key=True, max_length=36)
@@ -135,7 +139,17 @@ class Outbox(SQLModel, table=True):
     """
 
     __tablename__ = "hpcc_outbox"
-    __table_args__ = (Index("ix_hpcc_outbox_delivered_at_next_attempt_at", "delivered_at", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_hpcc_outbox_delivered_at_next_attempt_at", "delivered_at", "next_attempt_at"),
+        # the notifier's claim (undelivered, oldest first) every cycle: only the undelivered rows,
+        # in id order; without it Postgres may walk the primary key through every delivered row
+        Index(
+            "ix_hpcc_outbox_undelivered_id",
+            "id",
+            sqlite_where=text("delivered_at IS NULL"),
+            postgresql_where=text("delivered_at IS NULL"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(foreign_key="hpcc_run.id", index=True, max_length=36)

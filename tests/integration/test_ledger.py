@@ -729,3 +729,164 @@ def test_attempt_and_event_rows_reference_the_run(ledger: Ledger) -> None:
         assert attempt is not None and attempt.run_id == run_id and attempt.scheduler_id == SCHED
         assert attempt.lease_expires_at is not None
         assert session.exec(select(Event).where(Event.run_id == run_id)).all()
+
+
+# -- batched writes and queries at scale (bench/scale.py) --------------------------------------------
+
+
+class _Statements:
+    """Counts the SQL statements a ledger's engine sends (to catch N+1 regressions)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        from sqlalchemy import event
+
+        self.n = 0
+        self.selects = 0
+        self._engine = ledger.engine
+        self._listen = event.listen
+        self._remove = event.remove
+
+    def _count(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.n += 1
+        self.selects += statement.lstrip().upper().startswith("SELECT")
+
+    def __enter__(self) -> _Statements:
+        self._listen(self._engine, "before_cursor_execute", self._count)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._remove(self._engine, "before_cursor_execute", self._count)
+
+
+def _outbox_by_event(ledger: Ledger, run_id: str) -> dict[int, dict[str, Any]]:
+    return {row.event_id or 0: row.payload for row in ledger.outbox(run_id)}
+
+
+def test_batched_writes_are_constant_statements_and_keep_every_notification(ledger: Ledger) -> None:
+    """claim_queued, mark_submitted_many and record_observations write many runs with a number of
+    statements that does not grow with them, and still one outbox row per state change."""
+    runs = ledger.create_runs([job(name=f"b{i}") for i in range(40)], "alice")
+    with _Statements(ledger) as claimed_sql:
+        items = claim(ledger, limit=40)
+    assert len(items) == 40 and sorted(i.number for i in items) == [1] * 40
+    with _Statements(ledger) as submit_sql:
+        stale = ledger.mark_submitted_many([(i.attempt_id, i.fence, f"j{n}") for n, i in enumerate(items)])
+    assert stale == []
+    observed = [Observed(i.attempt_id, i.fence, AttemptState.RUNNING, None) for i in items[:30]]
+    observed += [Observed(i.attempt_id, i.fence, AttemptState.PENDING, "Priority") for i in items[30:]]
+    observed.append(Observed(items[0].attempt_id, items[0].fence + 7, AttemptState.RUNNING, None))  # stale
+    with _Statements(ledger) as observe_sql:
+        assert ledger.record_observations(observed) == [items[0].attempt_id]
+    # Postgres: a handful of statements whatever the number of runs (before: 4-6 per run); SQLite
+    # inserts the events one by one (it cannot return ids of a multi-row INSERT in order), in-process
+    for sql in (claimed_sql, submit_sql, observe_sql):
+        assert sql.selects <= 4, sql.selects
+        assert sql.n <= (12 if not ledger.is_sqlite else 40 + 12), sql.n
+    for n, run in enumerate(runs):
+        got = ledger.get_run(run.id)
+        item = next(i for i in items if i.run_id == run.id)
+        index = items.index(item)
+        assert got.state == (RunState.RUNNING if index < 30 else RunState.PENDING)
+        assert got.pending_reason == (None if index < 30 else "Priority")
+        states = [e for e in ledger.events(run.id) if e.kind == "state"]
+        expected = ["queued", "submitting", "pending"] + (["running"] if index < 30 else [])
+        assert [e.to_state for e in states] == expected, n
+        notes = _outbox_by_event(ledger, run.id)
+        assert sorted(notes) == sorted(e.id for e in states)
+        for e in states:
+            assert notes[e.id]["state"] == e.to_state and notes[e.id]["previous_state"] == e.from_state
+            assert notes[e.id]["event_id"] == e.id and notes[e.id]["attempt_id"] == e.attempt_id
+        assert notes[states[2].id]["message"] == f"submitted as j{index}"
+
+
+def test_claim_numbers_attempts_per_run_in_one_query(ledger: Ledger) -> None:
+    run = ledger.create_run(job(retry={"max_attempts": 3}), "alice")
+    other = ledger.create_run(job(name="other"), "alice")
+    first = next(i for i in claim(ledger) if i.run_id == run.id)
+    ledger.mark_not_submitted(first.attempt_id, first.fence, "absent")
+    again = {i.run_id: i.number for i in claim(ledger)}
+    assert again == {run.id: 2}
+    assert [a.number for a in ledger.attempts(other.id)] == [1]
+
+
+def test_adopt_active_in_chunks(ledger: Ledger) -> None:
+    """More attempts than one chunk (500): every one adopted once, fence bumped, one event each."""
+    n = 620
+    ledger.create_runs([job(name=f"a{i}", resources={"cpus": 1 + i % 2}) for i in range(n)], "alice")
+    items = claim(ledger, limit=n)
+    assert len(items) == n
+    ledger.mark_submitted_many([(i.attempt_id, i.fence, f"j{k}") for k, i in enumerate(items[:300])])
+    with _Statements(ledger) as sql:
+        adopted = ledger.adopt_active("sched-2", ["local"], 60)
+    assert sql.n < 12, sql.n  # a few per chunk of 500 (before: about 3 per attempt)
+    by_id = {a.attempt_id: a for a in adopted}
+    assert len(by_id) == n
+    for k, item in enumerate(items):
+        got = by_id[item.attempt_id]
+        assert got.fence == item.fence + 1 and got.run_id == item.run_id and got.number == 1
+        assert got.spec == item.spec and got.attempt_dir == item.attempt_dir
+        assert got.state == (AttemptState.PENDING if k < 300 else AttemptState.SUBMITTING)
+        assert got.backend_job_id == (f"j{k}" if k < 300 else None)
+    sample = items[5]
+    events = [e for e in ledger.events(sample.run_id) if e.kind == "adopted"]
+    assert len(events) == 1 and events[0].message == f"attempt 1 adopted by scheduler sched-2 from {SCHED}"
+    with Session(ledger.engine) as session:
+        owners = session.exec(select(Attempt.scheduler_id).where(col(Attempt.id).in_(list(by_id)[:400]))).all()
+    assert set(owners) == {"sched-2"}
+    assert ledger.adopt_active("sched-2", ["local"], 60) == []  # its own: nothing to take over
+    with pytest.raises(FencedOut):
+        ledger.mark_submitted(items[400].attempt_id, items[400].fence, "zombie")
+
+
+def test_claimed_specs_share_equal_sections(ledger: Ledger) -> None:
+    ledger.create_runs([job(name=f"s{i}", command=["run", str(i)]) for i in range(3)], "alice")
+    items = claim(ledger)
+    a, b = items[0].spec, items[1].spec
+    assert a.resources is b.resources and a.retry is b.retry and a.placement is b.placement
+    assert a.command != b.command
+    for item in items:
+        stored = JobSpec.model_validate_json(item.spec.canonical_json())
+        assert item.spec == stored and item.spec.canonical_json() == stored.canonical_json()
+
+
+def test_cancel_flags_many_runs(ledger: Ledger) -> None:
+    """The scheduler asks about every active run: more ids than an IN list chunk, answered exactly."""
+    n = 620
+    ledger.create_runs([job(name=f"c{i}") for i in range(n)], "alice")
+    items = claim(ledger, limit=n)
+    ids = [i.run_id for i in items]
+    for run_id in ids[10:13]:
+        ledger.request_cancel(run_id)
+    ended = items[12]
+    ledger.finish_attempt(ended.attempt_id, ended.fence, result(None, cancelled=True), None)
+    assert ledger.get_run(ended.run_id).state == RunState.CANCELLED
+    assert ledger.cancel_flags(ids) == set(ids[10:12])  # the cancelled one has nothing left to cancel
+    assert ledger.cancel_flags(ids[:11]) == {ids[10]}
+    assert ledger.cancel_flags(["no-such-run"]) == set()
+
+
+def test_list_runs_label_filter_is_exact_and_pages(ledger: Ledger) -> None:
+    """The label filter narrows down in SQL (LIKE on the JSON text, case-insensitive on SQLite,
+    with % and _ in values) and is exact; candidates that only look alike are paged past."""
+    exact = ledger.create_runs([job(name=f"g{i}", labels={"tier": "gold", "k_1": "a%b"}) for i in range(3)], "alice")
+    ledger.create_runs([job(name=f"G{i}", labels={"tier": "Gold", "k_1": "A%B"}) for i in range(70)], "alice")
+    ledger.create_runs([job(name="x", labels={"tier": "gold", "kx1": "axb", "k_1": "zz"})], "alice")
+    ledger.create_runs([job(name="y", labels={"tier": "gold", "k_1": "a%b"})], "bob")
+    got = ledger.list_runs(owner="alice", labels={"tier": "gold", "k_1": "a%b"}, limit=2)
+    assert len(got) == 2 and {r.id for r in got} <= {r.id for r in exact}
+    got = ledger.list_runs(owner="alice", labels={"tier": "gold", "k_1": "a%b"})
+    assert {r.id for r in got} == {r.id for r in exact}
+    assert [r.created_at for r in got] == sorted((r.created_at for r in got), reverse=True)
+    assert len(ledger.list_runs(labels={"k_1": "a%b"})) == 4
+    assert len(ledger.list_runs(owner="alice", labels={"tier": "Gold"}, limit=1000)) == 70
+    assert ledger.list_runs(owner="alice", labels={"k_1": "a_b"}) == []
+    assert ledger.list_runs(owner="alice", labels={"tier": "gold", "nope": "x"}) == []
+
+
+def test_list_runs_by_state_newest_first(ledger: Ledger) -> None:
+    runs = ledger.create_runs([job(name=f"l{i}") for i in range(5)], "alice")
+    for run in runs[:2]:
+        ledger.request_cancel(run.id)
+    got = ledger.list_runs(owner="alice", states=[RunState.CANCELLED])
+    assert {r.id for r in got} == {r.id for r in runs[:2]}
+    assert len(ledger.list_runs(owner="alice", states=[RunState.QUEUED, RunState.CANCELLED])) == 5
