@@ -269,3 +269,18 @@ def test_array_tasks_in_scontrol() -> None:
     records = parse.parse_scontrol("\n".join(lines), ours_only=True)
     assert set(records) == {"123_2", "130"}
     assert records["123_2"].exit_code == "7:0" and records["123_2"].name == ARRAY_NAME
+
+
+def test_scontrol_terminal_only_skips_jobs_that_have_not_ended() -> None:
+    lines = [
+        "JobId=1 JobName=hpcc-a JobState=RUNNING Reason=None ExitCode=0:0",
+        "JobId=2 JobName=hpcc-b JobState=PENDING Reason=Priority ExitCode=0:0",
+        "JobId=3 JobName=hpcc-c JobState=COMPLETING Reason=None ExitCode=0:0",
+        "JobId=4 JobName=hpcc-d JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0",
+        "JobId=5 JobName=hpcc-e JobState=OUT_OF_MEMORY Reason=OutOfMemory ExitCode=0:125",
+        "JobId=6 JobName=other JobState=COMPLETED Reason=None ExitCode=0:0",
+    ]
+    text = "\n".join(lines) + "\n"
+    assert set(parse.parse_scontrol(text, ours_only=True)) == {"1", "2", "3", "4", "5"}
+    ended = parse.parse_scontrol(text, ours_only=True, terminal_only=True)
+    assert set(ended) == {"4", "5"} and ended["4"].exit_code == "3:0"

@@ -605,7 +605,7 @@ class SlurmBackend(Backend):
         result = self._run("scontrol", ["show", "job", "-o"])
         if result.returncode != 0:
             raise BackendUnavailable(f"scontrol failed ({result.returncode}): {_first_line(result.stderr)}")
-        return parse.parse_scontrol(result.stdout, ours_only=True)
+        return parse.parse_scontrol(result.stdout, ours_only=True, terminal_only=True)
 
     def _result_exists(self, ticket: Ticket) -> bool:
         path = posixpath.join(self.remote_dir(ticket), RESULT_FILE)
