@@ -106,6 +106,20 @@ def test_squeue_lines_of_other_jobs_and_garbage_are_skipped() -> None:
     assert not parse.is_ours(records["12"].name) and parse.is_ours(records["13"].name)
 
 
+def test_a_pending_job_not_yet_evaluated_has_no_reason() -> None:
+    """Right after sbatch, squeue prints reason "None" until the scheduler has looked at the job:
+    that is no reason, not "PENDING". A requeued or held state is a reason in itself."""
+    sep = parse.SEP
+    text = (
+        f"20{sep}PENDING{sep}None{sep}N/A{sep}N/A{sep}0:00{sep}hpcc-a\n"
+        f"21{sep}REQUEUE_HOLD{sep}None{sep}N/A{sep}N/A{sep}0:00{sep}hpcc-b\n"
+    )
+    records = parse.parse_squeue(text)
+    fresh, requeued = parse.observe(records["20"]), parse.observe(records["21"])
+    assert fresh.kind == ObservationKind.PENDING and fresh.reason is None
+    assert requeued.kind == ObservationKind.PENDING and requeued.reason == "REQUEUE_HOLD"
+
+
 def test_unknown_state_is_unknown_not_terminal() -> None:
     record = SlurmRecord(job_id="1", name="hpcc-a", state="SOMETHING_NEW", source="squeue")
     assert parse.observe(record).kind == ObservationKind.UNKNOWN

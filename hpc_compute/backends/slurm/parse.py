@@ -265,7 +265,10 @@ def observe(record: SlurmRecord) -> Observation:
     """What one Slurm record means for the engine. Unknown states are UNKNOWN, never terminal."""
     state = record.base_state
     if state in PENDING_STATES:
-        return Observation(ObservationKind.PENDING, reason=record.reason or state, backend_state=record.state)
+        # squeue's "None" for a plain PENDING job means the scheduler has not looked at it yet:
+        # no reason to show. REQUEUED, REQUEUE_HOLD, ... are reasons in themselves.
+        reason = record.reason or (None if state == "PENDING" else state)
+        return Observation(ObservationKind.PENDING, reason=reason, backend_state=record.state)
     if state in RUNNING_STATES:
         reason = None if state == "RUNNING" else state
         return Observation(ObservationKind.RUNNING, reason=reason, backend_state=record.state)
