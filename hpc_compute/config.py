@@ -74,7 +74,11 @@ class SchedulerSettings(_Section):
             "stuck longer than this stops renewing, so another scheduler takes its attempts over"
         ),
     )
-    submit_batch: int = Field(default=64, ge=1)
+    submit_batch: int = Field(
+        default=64,
+        ge=1,
+        description="queued runs claimed per backend and cycle (a backend building job arrays: up to array_max)",
+    )
     kind_limits: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict,
         description="active attempts per run kind across every scheduler of the ledger ({training = 2})",

@@ -339,7 +339,10 @@ class Engine:
         claimed: list[ClaimedAttempt] = []
         scheduler = self.settings.scheduler
         for name, backend in self.backends.items():
-            limit = min(backend.max_in_flight - in_flight.get(name, 0), scheduler.submit_batch)
+            # a backend that builds job arrays claims up to a whole array per cycle: a 500-run
+            # sweep then goes as one sbatch instead of one array per submit_batch each cycle
+            batch = max(scheduler.submit_batch, backend.array_max) if backend.array_min > 0 else scheduler.submit_batch
+            limit = min(backend.max_in_flight - in_flight.get(name, 0), batch)
             if limit <= 0 or name in holding:
                 continue  # a backend with held submissions gets those through first
             claimed += self.ledger.claim_queued(

@@ -36,8 +36,12 @@ class Transport(abc.ABC):
         """Run ``argv`` (no shell) and wait at most ``timeout`` seconds."""
 
     @abc.abstractmethod
-    def put_file(self, source: Path | bytes, remote_path: str, mode: int = 0o600) -> None:
-        """Write a file atomically (temporary name, then rename) with ``mode``."""
+    def put_file(self, source: Path | bytes, remote_path: str, mode: int = 0o600, *, sync: bool = True) -> None:
+        """Write a file atomically (temporary name, then rename) with ``mode``. ``sync=False``
+        leaves making it durable to one :meth:`sync` after a batch of writes."""
+
+    def sync(self, remote_path: str) -> None:  # noqa: B027 - optional hook
+        """Make what ``put_file(sync=False)`` wrote on the file system of ``remote_path`` durable."""
 
     @abc.abstractmethod
     def read_file(self, remote_path: str, max_bytes: int) -> bytes | None:

@@ -218,7 +218,8 @@ class SshTransport(Transport):
 
     # -- files --------------------------------------------------------------------------------
 
-    def put_file(self, source: Path | bytes, remote_path: str, mode: int = 0o600) -> None:
+    def put_file(self, source: Path | bytes, remote_path: str, mode: int = 0o600, *, sync: bool = True) -> None:
+        # SFTP close() flushes to the server; OpenSSH's fsync extension is not used (as before)
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         directory, name = posixpath.split(remote_path)
         tmp = posixpath.join(directory, f".{name}.tmp.{os.getpid()}")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,7 @@ class ShimTransport(Transport):
         self.hide_from_squeue = False
         self.failing: dict[str, str] = {}  # program -> "raise" | "rc"
         self.programs: list[str] = []
+        self.argvs: list[list[str]] = []
 
     def run(self, argv: list[str], timeout: float, input: bytes | None = None) -> CommandResult:
         command = argv
@@ -161,6 +163,7 @@ class ShimTransport(Transport):
             command = [a for a in argv[1:] if a != "-i" and "=" not in a.split("/")[0]]
         program = Path(command[0]).name
         self.programs.append(program)
+        self.argvs.append(command)
         how = self.failing.get(program)
         if how == "raise":
             raise BackendUnavailable(f"{program}: simulated: Socket timed out on send/recv operation")
@@ -171,8 +174,11 @@ class ShimTransport(Transport):
             return CommandResult(result.returncode, "", result.stderr)
         return result
 
-    def put_file(self, source: Path | bytes, remote_path: str, mode: int = 0o600) -> None:
-        self.inner.put_file(source, remote_path, mode)
+    def put_file(self, source: Path | bytes, remote_path: str, mode: int = 0o600, *, sync: bool = True) -> None:
+        self.inner.put_file(source, remote_path, mode, sync=sync)
+
+    def sync(self, remote_path: str) -> None:
+        self.inner.sync(remote_path)
 
     def read_file(self, remote_path: str, max_bytes: int) -> bytes | None:
         return self.inner.read_file(remote_path, max_bytes)
@@ -414,6 +420,60 @@ def test_alike_runs_go_as_one_job_array(harness: Callable[..., Harness]) -> None
     assert h.stdout(runs["echo1"]) == "one\n" and h.stdout(runs["echo2"]) == "two\n"
     for run_id in runs.values():
         assert h.run(run_id).attempts == 1
+
+
+def _squeue_tasks(job_id: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%r"], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(line.split("|", 1) for line in out.splitlines() if line)
+
+
+def test_a_job_array_is_released_by_its_id_only_when_every_task_is_committed(
+    harness: Callable[..., Harness],
+) -> None:
+    """Strict submission holds the array; releasing the head would release every task, so it is
+    done only when all k tasks were committed. Two of three committed: exactly those two go."""
+    h = harness(array_min=2)
+    tickets = [
+        Ticket(
+            run_id=f"r{i}",
+            attempt_id=f"a{i}",
+            number=1,
+            spec=parse_spec({"command": ["sleep", "60"], "backend": "slurm", "resources": {"memory": "64M"}}),
+            attempt_dir=h.settings.work_root / f"r{i}" / f"a{i}",
+        )
+        for i in range(3)
+    ]
+    job_ids = h.backend.submit_array(tickets)
+    assert all(isinstance(j, str) for j in job_ids), job_ids
+    head = str(job_ids[0]).partition("_")[0]
+    committed = [replace(t, backend_job_id=str(j)) for t, j in zip(tickets, job_ids, strict=True)]
+    try:
+        assert {r for r in _squeue_tasks(head).values()} == {"JobHeldUser"}
+        assert h.backend.confirm_many(committed[:2]) == {"a0", "a1"}
+        tasks = _squeue_tasks(head)
+        assert tasks[f"{head}_2"] == "JobHeldUser", tasks  # the uncommitted task stays held
+        assert tasks.get(f"{head}_0") != "JobHeldUser" and tasks.get(f"{head}_1") != "JobHeldUser", tasks
+        assert h.backend.confirm_many(committed[2:]) == {"a2"}
+        assert "JobHeldUser" not in _squeue_tasks(head).values()
+        # and a whole array is one id in one call
+        again = [
+            replace(t, attempt_id=f"b{i}", run_id=f"s{i}", attempt_dir=h.settings.work_root / f"s{i}" / f"b{i}")
+            for i, t in enumerate(tickets)
+        ]
+        whole = h.backend.submit_array(again)
+        second = str(whole[0]).partition("_")[0]
+        calls = h.shim.programs.count("scontrol")
+        h.backend.confirm_many([replace(t, backend_job_id=str(j)) for t, j in zip(again, whole, strict=True)])
+        assert h.shim.programs.count("scontrol") == calls + 1
+        assert "JobHeldUser" not in _squeue_tasks(second).values()
+        released = [a for a in h.shim.argvs if "release" in a]
+        assert released[-1][-1] == second, released[-1]
+    finally:
+        subprocess.run(["scancel", head], check=False)
+        with contextlib.suppress(NameError):
+            subprocess.run(["scancel", second], check=False)
 
 
 def test_an_array_whose_sbatch_reply_was_lost_is_reconciled_task_by_task(harness: Callable[..., Harness]) -> None:

@@ -50,7 +50,7 @@ from hpc_compute.backends.outcome import outcome_from_result
 from hpc_compute.backends.slurm import parse
 from hpc_compute.backends.slurm.config import SlurmSettings
 from hpc_compute.backends.slurm.parse import SlurmRecord
-from hpc_compute.backends.slurm.script import ArrayValues, render_script, script_values
+from hpc_compute.backends.slurm.script import ArrayValues, ScriptValues, render_script, script_values
 from hpc_compute.config import Settings
 from hpc_compute.errors import BackendUnavailable, ConfigError, SpecError
 from hpc_compute.harvest import HarvestLimits, HarvestReport
@@ -202,6 +202,9 @@ class SlurmBackend(Backend):
         self.array_max = self.conf.array_max
         #: attempts known to be array tasks (from submission, or read back from their array.json)
         self._members: dict[str, ArrayMember | None] = {}
+        self._wrapper_cache: bytes | None = None
+        #: array job id -> its number of tasks, for arrays submitted by this process
+        self._array_sizes: dict[str, int] = {}
         self._accounting: bool | None = {"on": True, "off": False}.get(self.conf.accounting)
         self._user_name: str | None = None
         self._test_ok: dict[tuple[object, ...], float] = {}  # resource shape -> --test-only OK until
@@ -305,6 +308,9 @@ class SlurmBackend(Backend):
 
     def render(self, ticket: Ticket) -> tuple[str, str]:
         """(spec.json text, sbatch script) for the attempt; raises SpecError/ConfigError."""
+        return self._spec_json(ticket), self._script(ticket)
+
+    def _spec_json(self, ticket: Ticket) -> str:
         spec = ticket.spec
         remote = self.remote_dir(ticket)
         plan = SandboxPlan(
@@ -326,29 +332,42 @@ class SlurmBackend(Backend):
             launch=launch,
             time_limit_s=spec.resources.time_limit,
         )
-        values = script_values(
-            spec,
-            self.conf,
-            attempt_id=ticket.attempt_id,
-            attempt_dir=remote,
-            wrapper=self.conf.wrapper or posixpath.join(remote, WRAPPER_FILE),
-        )
-        return attempt_spec.to_json(), render_script(values)
+        return attempt_spec.to_json()
 
-    def stage(self, ticket: Ticket) -> str:
-        """Write the attempt directory through the transport; return the script's path there."""
-        spec_json, script = self.render(ticket)
+    def _script_values(self, ticket: Ticket, wrapper: str) -> ScriptValues:
+        return script_values(
+            ticket.spec, self.conf, attempt_id=ticket.attempt_id, attempt_dir=self.remote_dir(ticket), wrapper=wrapper
+        )
+
+    def _script(self, ticket: Ticket) -> str:
+        wrapper = self.conf.wrapper or posixpath.join(self.remote_dir(ticket), WRAPPER_FILE)
+        return render_script(self._script_values(ticket, wrapper))
+
+    def _wrapper_bytes(self) -> bytes:
+        if self._wrapper_cache is None:
+            self._wrapper_cache = wrapper_path().read_bytes()
+        return self._wrapper_cache
+
+    def _stage_dir(self, ticket: Ticket, spec_json: str, *, wrapper: bool, sync: bool) -> str:
+        """The attempt directory (logs/, output/, scratch/) with its spec.json, and the wrapper
+        when asked; ``sync=False`` leaves durability to one transport.sync() for the batch."""
         remote = self.remote_dir(ticket)
         transport = self.transport
         transport.makedirs(remote, 0o700)
         for sub in (LOGS_DIR, OUTPUT_DIR, SCRATCH_DIR):
             transport.makedirs(posixpath.join(remote, sub), 0o700)
-        transport.put_file(spec_json.encode(), posixpath.join(remote, SPEC_FILE), 0o600)
-        if self.conf.wrapper is None:
-            transport.put_file(wrapper_path().read_bytes(), posixpath.join(remote, WRAPPER_FILE), 0o600)
+        transport.put_file(spec_json.encode(), posixpath.join(remote, SPEC_FILE), 0o600, sync=sync)
+        if wrapper:
+            transport.put_file(self._wrapper_bytes(), posixpath.join(remote, WRAPPER_FILE), 0o600, sync=sync)
+        return remote
+
+    def stage(self, ticket: Ticket) -> str:
+        """Write the attempt directory through the transport; return the script's path there."""
+        spec_json, script = self.render(ticket)  # a SpecError before anything is written
+        remote = self._stage_dir(ticket, spec_json, wrapper=self.conf.wrapper is None, sync=True)
         script_path = posixpath.join(remote, SCRIPT_FILE)
-        transport.put_file(script.encode(), script_path, 0o600)
-        if transport.remote:
+        self.transport.put_file(script.encode(), script_path, 0o600)
+        if self.transport.remote:
             # a local copy of what was submitted, next to the logs collect() brings back
             ticket.attempt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             (ticket.attempt_dir / SCRIPT_FILE).write_text(script)
@@ -368,10 +387,11 @@ class SlurmBackend(Backend):
         return self._shape(ticket.spec) if self.array_min > 0 else None
 
     def submit_array(self, tickets: list[Ticket]) -> list[str | Exception]:
-        """One ``sbatch --array=0-(k-1)`` for k alike attempts. Every member is staged as usual
-        (its own directory, spec.json, wrapper), plus ``array.json`` naming the array and its task,
-        written before sbatch so reconciliation after a crash finds the task; task N runs the Nth
-        directory. The job id of member N is ``<array job id>_N``."""
+        """One ``sbatch --array=0-(k-1)`` for k alike attempts. Every member gets its own
+        directory and spec.json, plus ``array.json`` naming the array and its task, all written
+        before sbatch (made durable by one sync for the batch) so reconciliation after a crash
+        finds the task; task N runs the Nth directory with the one wrapper copy in the first
+        member's directory. The job id of member N is ``<array job id>_N``."""
         if len(tickets) == 1:
             try:
                 return [self.submit(tickets[0])]
@@ -379,28 +399,28 @@ class SlurmBackend(Backend):
                 return [exc]
         name = f"hpcc-arr-{uuid.uuid4().hex}"
         first = tickets[0]
+        first_dir = self.remote_dir(first)
+        # one wrapper for the whole array, in the first member's directory (cleanup() never
+        # removes it); every member still gets its own directory, spec.json and array.json
+        wrapper = self.conf.wrapper or posixpath.join(first_dir, WRAPPER_FILE)
         try:
-            for index, ticket in enumerate(tickets):
-                self.stage(ticket)
-                member = ArrayMember(name, index)
+            specs = [self._spec_json(ticket) for ticket in tickets]  # SpecError before any write
+            for index, (ticket, spec_json) in enumerate(zip(tickets, specs, strict=True)):
+                copy_wrapper = index == 0 and self.conf.wrapper is None
+                remote = self._stage_dir(ticket, spec_json, wrapper=copy_wrapper, sync=False)
                 record = json.dumps({"array": name, "index": index}).encode()
-                self.transport.put_file(record, posixpath.join(self.remote_dir(ticket), ARRAY_FILE), 0o600)
-                self._members[ticket.attempt_id] = member
-            values = script_values(
-                first.spec,
-                self.conf,
-                attempt_id=first.attempt_id,
-                attempt_dir=self.remote_dir(first),
-                wrapper=self.conf.wrapper or posixpath.join(self.remote_dir(first), WRAPPER_FILE),
-            )
+                self.transport.put_file(record, posixpath.join(remote, ARRAY_FILE), 0o600, sync=False)
+                self._members[ticket.attempt_id] = ArrayMember(name, index)
             array = ArrayValues(
                 tag=name.removeprefix("hpcc-arr-"),
                 attempt_dirs=tuple(self.remote_dir(t) for t in tickets),
                 throttle=self.conf.array_throttle,
-                wrapper=self.conf.wrapper,
+                wrapper=wrapper,
             )
-            script_path = posixpath.join(self.remote_dir(first), ARRAY_SCRIPT_FILE)
-            self.transport.put_file(render_script(replace(values, array=array)).encode(), script_path, 0o600)
+            script = render_script(replace(self._script_values(first, wrapper), array=array))
+            script_path = posixpath.join(first_dir, ARRAY_SCRIPT_FILE)
+            self.transport.put_file(script.encode(), script_path, 0o600, sync=False)
+            self.transport.sync(first_dir)  # every member's files durable before sbatch
         except (SpecError, ConfigError) as exc:
             return [SubmitError(f"cannot build the job array: {exc}", definite=True, retryable=False)] * len(tickets)
         except (OSError, BackendUnavailable) as exc:
@@ -409,6 +429,7 @@ class SlurmBackend(Backend):
             job_id = self._sbatch(first, script_path)
         except SubmitError as exc:
             return [exc] * len(tickets)
+        self._array_sizes[job_id] = len(tickets)
         return [f"{job_id}_{index}" for index in range(len(tickets))]
 
     def _sbatch(self, ticket: Ticket, script_path: str) -> str:
@@ -819,37 +840,59 @@ class SlurmBackend(Backend):
         the hold, finished or vanished counts as released: the hold is gone either way)."""
         if not self.conf.strict_submit or not ticket.backend_job_id:
             return
-        result = self._run("scontrol", ["release", ticket.backend_job_id])
-        if result.returncode != 0 and not any(g in result.stderr for g in _GONE):
-            raise BackendUnavailable(
-                f"scontrol release {ticket.backend_job_id} failed ({result.returncode}): {_first_line(result.stderr)}"
-            )
+        self._release(ticket.backend_job_id)
         self._squeue_cache = None
 
     def confirm_many(self, tickets: list[Ticket]) -> set[str]:
-        """Strict submit: release every committed hold in one ``scontrol release a,b,c`` per chunk.
-        scontrol answers for the whole list; when a chunk fails (one job already gone makes it
-        complain), fall back to one call per job so the others are still released."""
-        held = [t for t in tickets if t.backend_job_id]
+        """Strict submit: release every committed hold in one ``scontrol release a,b,c`` per chunk;
+        a job array whose tasks are all committed is released by its array job id (one id, not
+        k). scontrol answers for the whole list; when a chunk fails (one job already gone makes it
+        complain), fall back to one call per entry so the others are still released."""
         if not self.conf.strict_submit:
             return {t.attempt_id for t in tickets}
         done: set[str] = {t.attempt_id for t in tickets if not t.backend_job_id}
+        entries = self._release_entries([t for t in tickets if t.backend_job_id])
         chunk = self.conf.sacct_chunk
-        for start in range(0, len(held), chunk):
-            part = held[start : start + chunk]
-            result = self._run("scontrol", ["release", ",".join(t.backend_job_id or "" for t in part)])
+        for start in range(0, len(entries), chunk):
+            part = entries[start : start + chunk]
+            result = self._run("scontrol", ["release", ",".join(job_id for job_id, _ in part)])
             if result.returncode == 0:
-                done.update(t.attempt_id for t in part)
+                done.update(t.attempt_id for _, members in part for t in members)
                 continue
-            for ticket in part:
+            for job_id, members in part:
                 try:
-                    self.confirm(ticket)
+                    self._release(job_id)
                 except BackendUnavailable as exc:
-                    log.warning("release of %s failed, will retry: %s", ticket.backend_job_id, exc)
+                    log.warning("release of %s failed, will retry: %s", job_id, exc)
                     continue
-                done.add(ticket.attempt_id)
+                done.update(t.attempt_id for t in members)
         self._squeue_cache = None
         return done
+
+    def _release_entries(self, tickets: list[Ticket]) -> list[tuple[str, list[Ticket]]]:
+        """(job id to release, the attempts it releases): an array submitted here whose every task
+        is among ``tickets`` is one entry; any other ticket is an entry of its own."""
+        entries: list[tuple[str, list[Ticket]]] = []
+        tasks: dict[str, list[Ticket]] = {}
+        for ticket in tickets:
+            job_id = ticket.backend_job_id or ""
+            head, sep, _ = job_id.partition("_")
+            if sep:
+                tasks.setdefault(head, []).append(ticket)
+            else:
+                entries.append((job_id, [ticket]))
+        for head, members in tasks.items():
+            if len({t.backend_job_id for t in members}) == self._array_sizes.get(head):
+                entries.append((head, members))
+            else:
+                entries += [(t.backend_job_id or "", [t]) for t in members]
+        return entries
+
+    def _release(self, job_id: str) -> None:
+        result = self._run("scontrol", ["release", job_id])
+        if result.returncode != 0 and not any(g in result.stderr for g in _GONE):
+            message = _first_line(result.stderr)
+            raise BackendUnavailable(f"scontrol release {job_id} failed ({result.returncode}): {message}")
 
     def abandon(self, ticket: Ticket) -> None:
         """Cancel the job we created for an attempt that is no longer ours, and watch its tag."""
