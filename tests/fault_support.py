@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -402,11 +403,35 @@ class SacctJob:
         return self.node_list not in ("", "None assigned") and not self.state.startswith("PENDING")
 
 
+def slurm_key(attempt: Any) -> tuple[str, int | None]:
+    """The Slurm job name an attempt was submitted under, and its array task index: from the
+    attempt's array.json (written before sbatch) when it went as an array task, else its own
+    per-attempt tag and None."""
+    path = Path(attempt.attempt_dir) / "array.json"
+    try:
+        data = json.loads(path.read_text())
+        name, index = data["array"], data["index"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"hpcc-{attempt.id}", None
+    assert isinstance(name, str) and name.startswith("hpcc-arr-") and isinstance(index, int), data
+    return name, index
+
+
+def jobs_of(attempt: Any, sacct: dict[str, list[SacctJob]]) -> list[SacctJob]:
+    """Slurm's records of the jobs an attempt was submitted as (its array task's, for a member)."""
+    name, index = slurm_key(attempt)
+    jobs = sacct.get(name, [])
+    if index is None:
+        return jobs
+    return [j for j in jobs if j.job_id.partition("_")[2] == str(index)]
+
+
 def sacct_by_name(tags: list[str], since: str = "now-3hours") -> dict[str, list[SacctJob]]:
+    """name -> records; JobID is ``<array job>_<task>`` for an array task (as in the ledger)."""
     out: dict[str, list[SacctJob]] = {t: [] for t in tags}
     for start in range(0, len(tags), 100):
         part = tags[start : start + 100]
-        fmt = "JobIDRaw,State,ExitCode,NodeList,JobName"
+        fmt = "JobID,State,ExitCode,NodeList,JobName"
         proc = _run(["sacct", "-X", "-P", "-n", "-D", f"--name={','.join(part)}", "-S", since, "-E", "now", "-o", fmt])
         assert proc.returncode == 0, f"sacct failed: {proc.stderr}"
         for line in proc.stdout.splitlines():
@@ -423,7 +448,8 @@ def live_jobs(tags: list[str]) -> list[str]:
     out = []
     for start in range(0, len(tags), 100):
         part = tags[start : start + 100]
-        proc = _run(["squeue", "-h", "-t", ",".join(LIVE_STATES), f"--name={','.join(part)}", "-o", "%i|%j|%T|%r"])
+        names = f"--name={','.join(part)}"
+        proc = _run(["squeue", "-h", "-r", "-t", ",".join(LIVE_STATES), names, "-o", "%i|%j|%T|%r"])
         assert proc.returncode == 0, f"squeue failed: {proc.stderr}"
         out += [line for line in proc.stdout.splitlines() if line.strip()]
     return out
@@ -553,7 +579,7 @@ def check_invariants(
         elif not (run.pending_reason or attempts[run_id]):
             report.lost.append(f"run {run_id}: {run.state.value} without a reason")
 
-    tags = [f"hpcc-{a.id}" for a in all_attempts]
+    tags = sorted({slurm_key(a)[0] for a in all_attempts})  # per-attempt tags and array names
     # I3: no live Slurm job carries a tag of this scenario (allow in-flight scancels to land)
     live: list[str] = []
     deadline = time.monotonic() + orphan_wait
@@ -587,14 +613,14 @@ def check_invariants(
             if marker or echoed:
                 ran_code.append(attempt.id)
         report.executions += len(ran_code)
-        slurm_started = [a.id for a in items for j in sacct.get(f"hpcc-{a.id}", []) if j.started]
+        slurm_started = [a.id for a in items for j in jobs_of(a, sacct) if j.started]
         if len(ran_code) > 1 or len(slurm_started) > 1:
             report.duplicated.append(f"run {run_id}: user code in {ran_code}, Slurm started {slurm_started}")
         # I4: each finished attempt's job agrees with Slurm's record
         for attempt in items:
             if attempt.state != "finished" or not attempt.backend_job_id:
                 continue
-            jobs = [j for j in sacct.get(f"hpcc-{attempt.id}", []) if j.job_id == attempt.backend_job_id]
+            jobs = [j for j in jobs_of(attempt, sacct) if j.job_id == attempt.backend_job_id]
             if not jobs:
                 report.mismatches.append(f"attempt {attempt.id}: job {attempt.backend_job_id} not in sacct")
                 continue

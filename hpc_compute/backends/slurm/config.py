@@ -104,7 +104,7 @@ class SlurmSettings(BaseModel):
     max_in_flight: int = Field(default=1000, ge=1, description="jobs one scheduler keeps submitted at most")
     submit_parallel: int = Field(default=4, ge=1, le=64, description="sbatch calls one scheduler runs at once")
     array_min: int = Field(
-        default=0,
+        default=8,
         ge=0,
         description=(
             "alike runs (same resources and placement) claimed together, at least this many, "
